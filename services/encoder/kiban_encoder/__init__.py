@@ -1,0 +1,1 @@
+"""kiban encoder service."""

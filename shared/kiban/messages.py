@@ -1,0 +1,91 @@
+"""Queue messages: small, versioned, validated.
+
+A message names work (batch, model, chunk) and never carries images or vectors; those
+live in the object store. Any Celery producer can send these as JSON keyword argument
+``message`` to the task named in ``TASK_NAMES``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kiban.errors import InvalidMessageError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+
+
+class IngestBatch(Message):
+    """List, validate and label a source prefix as batch ``batch_id``."""
+
+    kind: Literal["ingest_batch"] = "ingest_batch"
+    batch_id: Name
+    source: str = Field(min_length=1, description="file:///dir or s3://bucket/prefix")
+    manifest: str | None = Field(None, description="URI of a CSV/JSONL manifest")
+    chunk_size: int = Field(256, ge=1, le=100_000)
+
+
+class EncodeChunk(Message):
+    """Encode records [start, stop) of a batch with one model and write one shard."""
+
+    kind: Literal["encode_chunk"] = "encode_chunk"
+    batch_id: Name
+    model: Name
+    chunk: int = Field(ge=0)
+
+
+class IndexShard(Message):
+    """Upsert one stored shard into the model's Qdrant collection."""
+
+    kind: Literal["index_shard"] = "index_shard"
+    batch_id: Name
+    model: Name
+    chunk: int = Field(ge=0)
+
+
+class EvaluateBatch(Message):
+    """Compute the retrieval and cost report of a batch for some models."""
+
+    kind: Literal["evaluate_batch"] = "evaluate_batch"
+    batch_id: Name
+    models: list[Name] = Field(min_length=1)
+    k: list[int] = Field(default_factory=lambda: [1, 3, 5])
+
+
+TASK_NAMES: dict[str, str] = {
+    "ingest_batch": "kiban.ingest.batch",
+    "encode_chunk": "kiban.encoder.encode_chunk",
+    "index_shard": "kiban.encoder.index_shard",
+    "evaluate_batch": "kiban.reporter.evaluate_batch",
+}
+
+_MODELS: dict[str, type[Message]] = {
+    "ingest_batch": IngestBatch,
+    "encode_chunk": EncodeChunk,
+    "index_shard": IndexShard,
+    "evaluate_batch": EvaluateBatch,
+}
+
+
+def parse_message(payload: Any, expected: type[Message]) -> Message:
+    """Validate ``payload`` as ``expected``; raise InvalidMessageError with the reason."""
+    try:
+        return expected.model_validate(payload)
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidMessageError(f"invalid {expected.__name__} message: {reasons}") from None
+
+
+def is_valid_name(value: str) -> bool:
+    return re.match(NAME_PATTERN, value) is not None

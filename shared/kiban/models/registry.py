@@ -1,0 +1,74 @@
+"""Exported models live in the object store so every worker finds them by name.
+
+``models/<name>/model.onnx`` and ``models/<name>/card.json``. Workers keep a local copy
+keyed by the file's sha256, so a re-exported model under the same name is never
+confused with the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from kiban.errors import ModelNotFoundError, StoreError
+from kiban.messages import is_valid_name
+from kiban.models.card import ModelCard
+from kiban.store import ObjectStore
+
+
+def model_key(name: str) -> str:
+    return f"models/{name}/model.onnx"
+
+
+def card_key(name: str) -> str:
+    return f"models/{name}/card.json"
+
+
+def publish(store: ObjectStore, card: ModelCard, onnx_path: Path) -> None:
+    """Upload the ONNX file, then the card (the card is what makes the model visible)."""
+    if not is_valid_name(card.name):
+        raise ValueError(f"invalid model name {card.name!r}: use letters, digits, . _ -")
+    data = onnx_path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card.sha256:
+        raise ValueError(f"card sha256 {card.sha256} does not match {onnx_path} ({digest})")
+    store.put(model_key(card.name), data)
+    store.put(card_key(card.name), card.model_dump_json(indent=2).encode())
+
+
+def load_card(store: ObjectStore, name: str) -> ModelCard:
+    try:
+        return ModelCard.model_validate_json(store.get(card_key(name)))
+    except StoreError:
+        known = ", ".join(c.name for c in list_cards(store)) or "none"
+        raise ModelNotFoundError(
+            f"no model named {name!r} in {store.uri} (known: {known}); "
+            "export one with `kiban models export`"
+        ) from None
+
+
+def list_cards(store: ObjectStore) -> list[ModelCard]:
+    cards = []
+    for info in store.list("models"):
+        if info.key.endswith("/card.json"):
+            cards.append(ModelCard.model_validate_json(store.get(info.key)))
+    return sorted(cards, key=lambda c: c.name)
+
+
+def fetch_model(store: ObjectStore, card: ModelCard, cache_dir: Path) -> Path:
+    """Return a local path to the model's ONNX file, downloading it once per sha256."""
+    target = cache_dir / f"{card.name}-{card.sha256[:16]}.onnx"
+    if target.is_file():
+        return target
+    data = store.get(model_key(card.name))
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card.sha256:
+        raise StoreError(
+            f"model {card.name!r}: stored file sha256 {digest} does not match its card "
+            f"({card.sha256}); re-export it"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+    return target

@@ -1,0 +1,108 @@
+"""The data a batch leaves in the object store: image records, quarantine, batch summary.
+
+Layout under the store root (documented in docs/architecture.md)::
+
+    batches/<batch>/batch.json         BatchInfo: source, counts, chunk plan
+    batches/<batch>/records.jsonl      ImageRecord per accepted image, sorted by key
+    batches/<batch>/quarantine.jsonl   QuarantineEntry per rejected file
+    embeddings/<model>/<batch>/chunk-00000.npz   shard: ids, vectors (+ meta json)
+    models/<name>/model.onnx, models/<name>/card.json
+    reports/<batch>/<version>/report.json, report.md
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kiban.store import ObjectStore
+
+SCHEMA_VERSION = 1
+
+
+class ImageRecord(BaseModel):
+    """One accepted image; ``sha256`` of the source bytes is its identity."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(description="Object key relative to the batch source prefix.")
+    sha256: str
+    label: str | None = None
+    group: str | None = Field(None, description="Patient/slide/lot; never matches itself.")
+    split: str | None = None
+    width: int
+    height: int
+    duplicates: list[str] = Field(
+        default_factory=list, description="Other keys in the batch with the same bytes."
+    )
+
+
+class QuarantineEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    reason: str
+    sha256: str | None = None
+
+
+class ChunkPlan(BaseModel):
+    index: int
+    start: int
+    stop: int
+
+
+class BatchInfo(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    batch_id: str
+    source: str
+    manifest: str | None = None
+    label_source: str = Field(description="'folders', 'manifest' or 'none'.")
+    n_listed: int
+    n_accepted: int
+    n_quarantined: int
+    n_duplicates: int
+    labelled: bool
+    classes: list[str]
+    chunks: list[ChunkPlan]
+    created_at: str
+
+
+def batch_prefix(batch_id: str) -> str:
+    return f"batches/{batch_id}"
+
+
+def shard_key(model: str, batch_id: str, chunk: int) -> str:
+    return f"embeddings/{model}/{batch_id}/chunk-{chunk:05d}.npz"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def dump_jsonl(items: Iterable[BaseModel]) -> bytes:
+    return "".join(item.model_dump_json() + "\n" for item in items).encode()
+
+
+def load_jsonl(data: bytes, model: type[M]) -> list[M]:
+    return [model.model_validate_json(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def read_batch_info(store: ObjectStore, batch_id: str) -> BatchInfo:
+    return BatchInfo.model_validate_json(store.get(f"{batch_prefix(batch_id)}/batch.json"))
+
+
+def read_records(store: ObjectStore, batch_id: str) -> list[ImageRecord]:
+    return load_jsonl(store.get(f"{batch_prefix(batch_id)}/records.jsonl"), ImageRecord)
+
+
+def read_quarantine(store: ObjectStore, batch_id: str) -> list[QuarantineEntry]:
+    return load_jsonl(store.get(f"{batch_prefix(batch_id)}/quarantine.jsonl"), QuarantineEntry)
+
+
+def write_json(store: ObjectStore, key: str, obj: BaseModel | dict) -> None:
+    if isinstance(obj, BaseModel):
+        store.put(key, obj.model_dump_json(indent=2).encode())
+    else:
+        store.put(key, json.dumps(obj, indent=2, sort_keys=True).encode())

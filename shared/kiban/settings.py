@@ -1,0 +1,132 @@
+"""One typed settings object, read from ``KIBAN_*`` environment variables (12-factor).
+
+Every setting is documented here and in the README's settings table; a bad value fails
+at start-up with the variable's name, never halfway through a batch.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kiban.errors import ConfigurationError
+
+DEFAULT_HOME = Path(".kiban")
+
+
+class Settings(BaseSettings):
+    """All of kiban's configuration; field ``x`` is read from ``KIBAN_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="KIBAN_", extra="ignore", frozen=True)
+
+    home: Path = Field(
+        DEFAULT_HOME,
+        description="Local working directory for the embedded default (store, Qdrant, caches).",
+    )
+    store_uri: str | None = Field(
+        None,
+        description="Where kiban keeps its state: file:///dir or s3://bucket/prefix. "
+        "Default: file://<home>/store.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for MinIO/SeaweedFS; unset for AWS."
+    )
+    s3_region: str | None = Field(None, description="S3 region; unset uses the AWS chain.")
+    qdrant_url: str | None = Field(
+        None, description="Qdrant server URL; unset uses Qdrant local mode at qdrant_path."
+    )
+    qdrant_api_key: SecretStr | None = Field(None, description="Qdrant API key (never logged).")
+    qdrant_path: Path | None = Field(
+        None, description="Qdrant local-mode directory. Default: <home>/qdrant."
+    )
+    ort_providers: list[str] = Field(
+        default_factory=lambda: [
+            "TensorrtExecutionProvider",
+            "CUDAExecutionProvider",
+            "CPUExecutionProvider",
+        ],
+        description="ONNX Runtime execution providers in order of preference "
+        "(comma-separated); unavailable ones are skipped and the one that ran is recorded.",
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per inference call.")
+    chunk_size: int = Field(
+        256, ge=1, le=100_000, description="Images per encode task (one shard each)."
+    )
+    threads: int = Field(
+        0, ge=0, le=512, description="ONNX Runtime intra-op threads; 0 = all cores."
+    )
+    decode_workers: int = Field(
+        2, ge=1, le=256, description="Threads decoding images while the model runs."
+    )
+    max_image_pixels: int = Field(
+        80_000_000, ge=1, description="Decompression-bomb guard: larger images are quarantined."
+    )
+    min_image_side: int = Field(
+        8, ge=1, description="Images with a side shorter than this are quarantined."
+    )
+    price_per_hour: float = Field(
+        0.0, ge=0, description="Hourly price of one encoder worker (for cost per 1k images)."
+    )
+    price_currency: str = Field("USD", description="Currency label for price_per_hour.")
+    device_label: str = Field(
+        "cpu", description="Free-text name of the hardware, printed in cost tables."
+    )
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker (Redis) URL; may hold a password."
+    )
+    mode: Literal["embedded", "distributed"] = Field(
+        "embedded",
+        description="embedded runs the Celery tasks in-process; distributed sends them to workers.",
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("ort_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("store_uri")
+    @classmethod
+    def _check_store_uri(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("file://", "s3://")):
+            raise ValueError("must start with file:// or s3://")
+        return value
+
+    @property
+    def resolved_store_uri(self) -> str:
+        """The store URI with the default filled in from ``home``."""
+        if self.store_uri:
+            return self.store_uri
+        return (self.home / "store").resolve().as_uri()
+
+    @property
+    def resolved_qdrant_path(self) -> Path:
+        return self.qdrant_path or self.home / "qdrant"
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return f"KIBAN_{field.upper()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning a validation error into one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            problems.append(f"{Settings.env_name(field)}: {err['msg']}")
+        raise ConfigurationError("invalid setting — " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return load_settings()
