@@ -1,0 +1,37 @@
+"""The writer stage: a stored shard into the model's Qdrant collection (idempotent)."""
+
+from __future__ import annotations
+
+from kiban.context import Context
+from kiban.messages import IndexShard
+from kiban.records import read_batch_info, read_records
+from kiban.telemetry import POINTS_UPSERTED
+from kiban.vectors import VectorIndex
+from kiban_encoder.shards import read_shard
+
+
+def index_shard(msg: IndexShard, ctx: Context, index: VectorIndex) -> int:
+    """Upsert the shard's vectors with their payloads; returns the number of points."""
+    sha256s, keys, vectors = read_shard(ctx.store, msg.model, msg.batch_id, msg.chunk)
+    if not sha256s:
+        return 0
+    by_key = {r.key: r for r in read_records(ctx.store, msg.batch_id)}
+    source = read_batch_info(ctx.store, msg.batch_id).source
+    payloads = []
+    for key in keys:
+        rec = by_key[key]
+        payloads.append(
+            {
+                "key": rec.key,
+                "sha256": rec.sha256,
+                "label": rec.label,
+                "group": rec.group,
+                "split": rec.split,
+                "batch": msg.batch_id,
+                "source": source,
+            }
+        )
+    index.ensure_collection(msg.model, int(vectors.shape[1]))
+    n = index.upsert(msg.model, sha256s, vectors, payloads)
+    POINTS_UPSERTED.labels(msg.model).inc(n)
+    return n

@@ -1,0 +1,83 @@
+"""The reader stage: fetch and decode images in threads while the model runs.
+
+Pillow and boto3 release the GIL, so a small thread pool keeps the inference session
+fed without a second process. Results come back in record order, in batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiban.imaging import ImageRejected, decode_image, preprocess
+from kiban.models.card import Preprocessing
+from kiban.records import ImageRecord
+from kiban.store import ObjectStore
+
+
+@dataclass
+class DecodedBatch:
+    records: list[ImageRecord]
+    pixels: np.ndarray  # uint8 [n, S, S, 3]
+    failures: list[tuple[str, str]]  # (key, reason) of records that could not be used
+
+
+def _load(
+    source: ObjectStore, record: ImageRecord, prep: Preprocessing, max_pixels: int, min_side: int
+) -> np.ndarray | str:
+    try:
+        data = source.get(record.key)
+    except Exception as exc:  # noqa: BLE001 - any store error becomes a recorded failure
+        return f"cannot read from source: {exc}"
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        return "source object changed since ingest (sha256 mismatch)"
+    try:
+        return preprocess(decode_image(data, max_pixels, min_side), prep)
+    except ImageRejected as exc:
+        return exc.reason
+
+
+def decoded_batches(
+    source: ObjectStore,
+    records: Sequence[ImageRecord],
+    prep: Preprocessing,
+    batch_size: int,
+    workers: int,
+    max_pixels: int,
+    min_side: int,
+) -> Iterator[DecodedBatch]:
+    """Yield batches in record order, keeping at most ~2 batches of decodes in flight."""
+    window = max(batch_size * 2, workers)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[tuple[ImageRecord, Future[np.ndarray | str]]] = deque()
+        it = iter(records)
+
+        def fill() -> None:
+            while len(pending) < window:
+                rec = next(it, None)
+                if rec is None:
+                    return
+                pending.append((rec, pool.submit(_load, source, rec, prep, max_pixels, min_side)))
+
+        fill()
+        while pending:
+            ok: list[ImageRecord] = []
+            arrays: list[np.ndarray] = []
+            failures: list[tuple[str, str]] = []
+            while pending and len(ok) + len(failures) < batch_size:
+                rec, fut = pending.popleft()
+                result = fut.result()
+                if isinstance(result, str):
+                    failures.append((rec.key, result))
+                else:
+                    ok.append(rec)
+                    arrays.append(result)
+            fill()
+            size = prep.crop
+            pixels = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+            yield DecodedBatch(ok, pixels, failures)

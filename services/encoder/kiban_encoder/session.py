@@ -1,0 +1,73 @@
+"""ONNX Runtime sessions: providers in the configured order, and the truth about which ran.
+
+onnxruntime-gpu imports on a CPU-only machine and silently falls back to the CPU, so the
+provider that really runs is read back from the session and recorded with every shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    session: object  # onnxruntime.InferenceSession (kept untyped: optional dependency)
+    provider: str
+    threads: int
+    input_name: str
+    output_name: str
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC → float32 [N, D] raw embeddings."""
+        out = self.session.run([self.output_name], {self.input_name: images})  # type: ignore[attr-defined]
+        return np.asarray(out[0], dtype=np.float32)
+
+
+_CACHE: dict[tuple[str, tuple[str, ...], int], LoadedModel] = {}
+_LOCK = threading.Lock()
+
+
+def usable_providers(wanted: list[str]) -> list[str]:
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    chosen = [p for p in wanted if p in available]
+    skipped = [p for p in wanted if p not in available]
+    if skipped:
+        log.info("ONNX Runtime providers not available here, skipped: %s", ", ".join(skipped))
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def load_model(
+    path: Path, providers: list[str], threads: int, input_name: str, output_name: str
+) -> LoadedModel:
+    """Create (once per process) an inference session for ``path``."""
+    import onnxruntime as ort
+
+    key = (str(path), tuple(providers), threads)
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=usable_providers(providers)
+        )
+        ran = session.get_providers()[0]
+        loaded = LoadedModel(session, ran, threads, input_name, output_name)
+        log.info("loaded %s on %s (threads=%s)", path.name, ran, threads or "all")
+        _CACHE[key] = loaded
+        return loaded

@@ -1,0 +1,56 @@
+"""Logging with secrets redacted, and the Prometheus metrics every service exports."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_SECRET_PATTERNS = [
+    # user:password@ in URLs (redis://:pw@host, s3 endpoints with creds)
+    (re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]+)@"),
+     r"\g<scheme>\g<user>:***@"),
+    (re.compile(r"(?i)(api[_-]?key|secret|password|token)(['\"]?\s*[:=]\s*['\"]?)([^\s'\",]+)"),
+     r"\1\2***"),
+]
+
+
+def redact(text: str) -> str:
+    """Remove anything that looks like a credential from a log line or error."""
+    for pattern, repl in _SECRET_PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def setup_logging(level: str = "INFO") -> None:
+    root = logging.getLogger()
+    if not any(isinstance(f, RedactingFilter) for h in root.handlers for f in h.filters):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(RedactingFilter())
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+TASK_SECONDS = Histogram(
+    "kiban_task_duration_seconds", "Wall time of a kiban task", ["task"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+TASK_FAILURES = Counter("kiban_task_failures_total", "Tasks that raised", ["task", "reason"])
+IMAGES_ENCODED = Counter(
+    "kiban_images_encoded_total", "Images embedded", ["model", "provider"]
+)
+ENCODE_THROUGHPUT = Gauge(
+    "kiban_encode_images_per_second", "Throughput of the last encoded chunk", ["model"]
+)
+POINTS_UPSERTED = Counter("kiban_points_upserted_total", "Vectors written to Qdrant", ["model"])

@@ -1,0 +1,113 @@
+"""The vector store: one Qdrant collection per model, deterministic point IDs.
+
+Point ID = uuid5(sha256 of the image bytes + model name), so indexing the same image
+twice for the same model is one point. Qdrant local mode (a directory, the embedded
+default) allows a single process per path; production passes a server URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kiban.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_NAMESPACE = uuid.UUID("6f1c1c1e-8a0b-4c59-9d3c-6b6962616e00")
+
+
+def point_id(sha256: str, model: str) -> str:
+    """Same image + same model → same point, in every run and on every worker."""
+    return str(uuid.uuid5(_NAMESPACE, f"{model}:{sha256}"))
+
+
+def collection_name(model: str) -> str:
+    return f"kiban-{model}"
+
+
+class VectorIndex:
+    """A thin layer over qdrant-client with the few operations kiban needs."""
+
+    def __init__(self, settings: Settings) -> None:
+        from qdrant_client import QdrantClient
+
+        self.settings = settings
+        if settings.qdrant_url:
+            api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+            self.client = QdrantClient(url=settings.qdrant_url, api_key=api_key, timeout=60)
+            self.location = settings.qdrant_url
+        else:
+            path = settings.resolved_qdrant_path
+            path.mkdir(parents=True, exist_ok=True)
+            self.client = QdrantClient(path=str(path))
+            self.location = str(path)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def ensure_collection(self, model: str, dim: int) -> None:
+        from qdrant_client import models
+
+        name = collection_name(model)
+        if self.client.collection_exists(name):
+            info = self.client.get_collection(name)
+            params = info.config.params.vectors
+            size = getattr(params, "size", None)
+            if size is not None and size != dim:
+                raise ValueError(
+                    f"collection {name} has dimension {size}, model {model} produces {dim}; "
+                    "a model name must not be reused for a different architecture"
+                )
+            return
+        self.client.create_collection(
+            name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
+        )
+        for field in ("batch", "label", "sha256"):
+            self.client.create_payload_index(name, field, models.PayloadSchemaType.KEYWORD)
+
+    def upsert(
+        self,
+        model: str,
+        sha256s: Sequence[str],
+        vectors: np.ndarray,
+        payloads: Sequence[dict[str, Any]],
+        batch_size: int = 256,
+    ) -> int:
+        from qdrant_client import models
+
+        name = collection_name(model)
+        for start in range(0, len(sha256s), batch_size):
+            stop = start + batch_size
+            points = [
+                models.PointStruct(id=point_id(sha, model), vector=vec.tolist(), payload=payload)
+                for sha, vec, payload in zip(
+                    sha256s[start:stop], vectors[start:stop], payloads[start:stop], strict=True
+                )
+            ]
+            self.client.upsert(name, points=points, wait=True)
+        return len(sha256s)
+
+    def count(self, model: str, batch_id: str | None = None) -> int:
+        from qdrant_client import models
+
+        name = collection_name(model)
+        if not self.client.collection_exists(name):
+            return 0
+        flt = None
+        if batch_id is not None:
+            flt = models.Filter(
+                must=[models.FieldCondition(key="batch", match=models.MatchValue(value=batch_id))]
+            )
+        return int(self.client.count(name, count_filter=flt, exact=True).count)
+
+    def search(self, model: str, vector: np.ndarray, limit: int) -> list[tuple[str, float]]:
+        """Top ``limit`` (sha256, score) pairs from the served index."""
+        res = self.client.query_points(
+            collection_name(model), query=vector.tolist(), limit=limit, with_payload=["sha256"]
+        )
+        return [(str((p.payload or {}).get("sha256")), float(p.score)) for p in res.points]
