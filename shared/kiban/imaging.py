@@ -6,12 +6,22 @@ the same code that feeds the encoder in production.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from kiban.models.card import Preprocessing
 
 SUPPORTED_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+# Pillow format names that decode_image accepts. MPO is how Pillow names a JPEG that
+# carries extra (preview/stereo) pictures; the first frame is an ordinary JPEG.
+_PUBLIC_FORMATS = ("JPEG", "PNG", "TIFF", "BMP")
+ACCEPTED_FORMATS = frozenset((*_PUBLIC_FORMATS, "MPO"))
+_OPEN_FORMATS = ["JPEG", "PNG", "TIFF", "BMP"]
+# Plugins without a magic number: a "match" on arbitrary bytes means nothing.
+_LOOSE_FORMATS = frozenset(("TGA", "MPEG", "PCD", "XVTHUMB", "FTEX", "SUN", "SPIDER"))
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -20,7 +30,7 @@ _RESAMPLE = {
 }
 
 
-class ImageRejected(Exception):
+class ImageRejected(Exception):  # noqa: N818 - public name used by every service
     """The bytes are not a usable image; ``reason`` is recorded in the quarantine list."""
 
     def __init__(self, reason: str) -> None:
@@ -34,8 +44,163 @@ def decode_image(data: bytes, max_pixels: int = 80_000_000, min_side: int = 8) -
     Raises ImageRejected with a human-readable reason for anything unusable: empty or
     truncated files, non-images, decompression bombs, tiny images. Grey, CMYK, 16-bit
     and alpha images are converted to 8-bit RGB.
+
+    Order matters: the format and the header size are checked *before* any pixel is
+    decoded, so a bomb costs a header parse, not gigabytes. Only the accepted formats'
+    parsers ever see the bytes fully (fewer parsers exposed to untrusted input).
+    Truncated files are never padded (``LOAD_TRUNCATED_IMAGES`` stays off): a half
+    image would silently poison the embeddings.
     """
-    raise NotImplementedError  # implemented by the ingest work
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    image = _open(data)
+    width, height = image.size
+    pixels = width * height
+    if pixels > max_pixels:
+        raise ImageRejected(
+            f"decompression bomb: {width}×{height} = {pixels} pixels exceeds limit {max_pixels}"
+        )
+    if min(width, height) < min_side:
+        raise ImageRejected(f"image too small: {width}×{height} (min side {min_side})")
+    try:
+        image.load()
+        image = _apply_orientation(image)
+        return to_rgb8(image)
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"decompression bomb: {exc}") from None
+    except MemoryError:
+        raise ImageRejected(
+            f"decompression bomb: out of memory decoding {width}×{height}"
+        ) from None
+    except Exception as exc:  # any decoder failure on untrusted bytes means corrupt data
+        raise ImageRejected(f"truncated or corrupt image data: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _open(data: bytes) -> Image.Image:
+    """Parse the header with the accepted formats' plugins only; name what else it is."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageRejected(_identify_other(data)) from None
+    except Exception as exc:  # a header that starts right and then breaks
+        raise ImageRejected(f"truncated or corrupt image data: {_describe(exc)}") from None
+    if image.format not in ACCEPTED_FORMATS:  # pragma: no cover - formats= already limits
+        raise ImageRejected(_unsupported(image.format))
+    return image
+
+
+def _identify_other(data: bytes) -> str:
+    """Tell "a GIF/WebP we do not take" from "not an image at all" (header parse only)."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            fmt = other.format
+    except Image.DecompressionBombError:
+        fmt = None
+    except Exception:
+        return "not an image (unrecognised format)"
+    if fmt in _LOOSE_FORMATS or not fmt:
+        # these plugins have no magic number and "recognise" arbitrary bytes
+        return "not an image (unrecognised format)"
+    return _unsupported(fmt)
+
+
+def _unsupported(fmt: str | None) -> str:
+    return f"unsupported image format {fmt} (accepted: {', '.join(_PUBLIC_FORMATS)})"
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    """Rotate/flip per the EXIF Orientation tag; a broken EXIF block leaves pixels as stored."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return image
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        transposed = ImageOps.exif_transpose(image)
+        if transposed is not None:
+            return transposed
+    return image
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Convert any decoded mode to 8-bit RGB.
+
+    * alpha (RGBA, LA, PA, P with transparency, RGBa): composited over **white**. Pixels
+      under alpha 0 are undefined (often black or garbage) and would differ between
+      otherwise identical images; white is how a viewer shows them.
+    * CMYK: Pillow already un-inverts Adobe JPEGs (rawmode CMYK;I); the naive
+      (1-C)(1-K) conversion follows (embedded ICC profiles are not applied).
+    * 16-bit / 32-bit integer and float grey: scaled by the real bit depth
+      (``value * 255 / (2**bits - 1)``), never clipped; see ``_bit_depth``.
+    """
+    mode = image.mode
+    keyed = mode in ("P", "L", "RGB") and "transparency" in image.info  # PNG tRNS
+    if mode == "RGB" and not keyed:
+        return image
+    if keyed or mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if mode.startswith("I") or mode == "F":
+        return _high_depth_to_rgb8(image)
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        raise ImageRejected(f"unsupported pixel mode {mode}") from None
+
+
+def _bit_depth(image: Image.Image) -> int | None:
+    """Bits per sample declared by the file (TIFF BitsPerSample), if any.
+
+    A 12-bit microscope TIFF stored in 16-bit words must map 4095 to white, not to 16.
+    """
+    tags = getattr(image, "tag_v2", None)
+    if tags is not None:
+        bits = tags.get(258)  # BitsPerSample
+        if isinstance(bits, tuple):
+            bits = bits[0] if bits else None
+        if isinstance(bits, int) and 1 <= bits <= 32:
+            return bits
+    return None
+
+
+def _high_depth_to_rgb8(image: Image.Image) -> Image.Image:
+    """Scale an I;16*/I/F grey image to 8 bits with rounding, then replicate to RGB."""
+    array = np.asarray(image)
+    mode = image.mode
+    if mode == "F":
+        values = array.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if lo >= 0.0 and hi <= 1.0:
+            scaled = values * 255.0  # the usual [0, 1] float convention
+        elif hi > lo:
+            scaled = (values - lo) * (255.0 / (hi - lo))  # unknown range: stretch
+        else:
+            scaled = np.zeros_like(values)
+        scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    else:
+        values = array.astype(np.int64)
+        bits = _bit_depth(image)
+        if bits is None:
+            bits = 16 if mode.startswith("I;16") or values.min(initial=0) >= 0 else 32
+            if bits == 16 and values.max(initial=0) > 0xFFFF:
+                bits = 32
+        if values.min(initial=0) < 0:  # signed data: shift to unsigned first
+            values = values - values.min()
+        maximum = (1 << bits) - 1
+        scaled = values.astype(np.float64) * (255.0 / maximum)
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(grey), mode="L").convert("RGB")
 
 
 def preprocess(image: Image.Image, prep: Preprocessing) -> np.ndarray:

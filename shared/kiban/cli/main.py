@@ -1,0 +1,168 @@
+"""``kiban``: run batches, inspect reports and embeddings, manage models, run the demo."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.markdown import Markdown
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kiban.cli import models as models_cli
+from kiban.cli.common import console, fails_cleanly, settings_and_store
+from kiban.errors import KibanError, StoreError
+from kiban.telemetry import redact
+from kiban.records import (
+    latest_report_version,
+    read_batch_info,
+    read_records,
+    report_prefix,
+    shard_key,
+)
+
+app = typer.Typer(
+    help="kiban: is the foundation model worth it on our images? Embed, index, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(models_cli.app, name="models")
+report_app = typer.Typer(help="Show evaluation reports.", no_args_is_help=True)
+embeddings_app = typer.Typer(help="Export stored embeddings.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+app.add_typer(embeddings_app, name="embeddings")
+
+
+def _split_models(models: str) -> list[str]:
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise KibanError("--models needs at least one model name")
+    return names
+
+
+def run_with_progress(**kwargs: object) -> dict:
+    from kiban.pipeline import run_batch
+
+    with Progress(
+        TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def tick(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        return run_batch(progress=tick, **kwargs)  # type: ignore[arg-type]
+
+
+@app.command()
+@fails_cleanly
+def run(
+    source: str = typer.Option(..., help="Images: file:///dir or s3://bucket/prefix."),
+    models: str = typer.Option(..., help="Comma-separated registry names, e.g. a,b."),
+    manifest: str | None = typer.Option(
+        None, help="CSV/JSONL manifest URI (key,label[,group][,split])."
+    ),
+    batch: str | None = typer.Option(None, help="Batch ID (default: derived from the source)."),
+    k: str = typer.Option("1,3,5", help="k values for MV@k / acc@k."),
+) -> None:
+    """Ingest a source, encode it with each model, index, evaluate, print the report."""
+    settings, store = settings_and_store()
+    ks = [int(v) for v in k.split(",")]
+    report = run_with_progress(
+        settings=settings, source=source, models=_split_models(models), manifest=manifest,
+        batch_id=batch, ks=ks,
+    )
+    _print_report(store, report["batch_id"], report["version"])
+
+
+def _print_report(store, batch_id: str, version: str) -> None:  # type: ignore[no-untyped-def]
+    md = store.get(f"{report_prefix(batch_id)}/{version}/report.md").decode()
+    console.print(Markdown(md))
+    console.print(f"report: {store.uri}/{report_prefix(batch_id)}/{version}/report.{{json,md}}")
+
+
+@report_app.command("show")
+@fails_cleanly
+def report_show(
+    batch: str = typer.Argument(..., help="Batch ID."),
+    version: str | None = typer.Option(None, help="Report version (default: latest)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+) -> None:
+    """Show a batch's evaluation report (the newest version unless --version)."""
+    _, store = settings_and_store()
+    version = version or latest_report_version(store, batch)
+    if version is None:
+        raise KibanError(f"no report for batch {batch!r} in {store.uri}")
+    if as_json:
+        console.print_json(store.get(f"{report_prefix(batch)}/{version}/report.json").decode())
+    else:
+        _print_report(store, batch, version)
+
+
+@embeddings_app.command("export")
+@fails_cleanly
+def embeddings_export(
+    batch: str = typer.Option(..., help="Batch ID."),
+    model: str = typer.Option(..., help="Model name."),
+    out: Path = typer.Option(..., help="Output .npz (arrays ids, vectors, labels, groups)."),
+) -> None:
+    """Write a batch's stored embeddings for one model to an .npz, to check results elsewhere."""
+    _, store = settings_and_store()
+    info = read_batch_info(store, batch)
+    by_key = {r.key: r for r in read_records(store, batch)}
+    ids: list[str] = []
+    keys: list[str] = []
+    parts = []
+    for chunk in info.chunks:
+        try:
+            data = np.load(io.BytesIO(store.get(shard_key(model, batch, chunk.index))))
+        except StoreError:
+            raise KibanError(
+                f"batch {batch!r} has no embeddings for model {model!r} (chunk {chunk.index})"
+            ) from None
+        ids.extend(str(x) for x in data["ids"])
+        keys.extend(str(x) for x in data["keys"])
+        parts.append(data["vectors"])
+    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    labels = [by_key[k].label or "" for k in keys]
+    groups = [by_key[k].group or "" for k in keys]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        out, ids=np.asarray(ids), keys=np.asarray(keys), vectors=vectors,
+        labels=np.asarray(labels), groups=np.asarray(groups),
+    )
+    console.print(f"wrote {len(ids)} × {vectors.shape[1] if vectors.size else 0} vectors to {out}")
+
+
+@app.command()
+@fails_cleanly
+def settings() -> None:
+    """Print the effective settings (secrets masked)."""
+    s, _ = settings_and_store()
+    data = json.loads(s.model_dump_json())
+    data["resolved_store_uri"] = s.resolved_store_uri
+    data["broker_url"] = redact(s.broker_url)  # SecretStr fields already dump as '**********'
+    console.print_json(json.dumps(data))
+
+
+@app.command()
+@fails_cleanly
+def demo(
+    per_class: int = typer.Option(80, help="Synthetic images per class (6 classes)."),
+    models: str = typer.Option(
+        "effnet-lite0,vit-b-32-random", help="Models to compare (exported if missing)."
+    ),
+) -> None:
+    """Generate a synthetic labelled texture set, export two encoders, run, print the report."""
+    from kiban.cli.demo import run_demo
+
+    run_demo(per_class=per_class, models=_split_models(models))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,133 @@
+"""``kiban models``: export encoders to ONNX with a model card, list them."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from kiban.cli.common import console, fails_cleanly, settings_and_store
+from kiban.errors import KibanError
+from kiban.models.registry import list_cards, load_card, publish
+
+app = typer.Typer(help="Export, list and inspect encoders in the model registry.")
+
+
+def _parity_images(source: str | None, n: int) -> tuple[list, str]:
+    """Real images for the parity check: from a folder/bucket if given, else synthetic."""
+    from kiban.imaging import SUPPORTED_SUFFIXES, ImageRejected, decode_image
+
+    if source is None:
+        from kiban.synthetic import sample_images
+
+        return sample_images(n=n, seed=0), "synthetic textures (kiban.synthetic)"
+    from kiban.settings import get_settings
+    from kiban.store import open_store
+
+    settings = get_settings()
+    store = open_store(source, settings.s3_endpoint_url, settings.s3_region)
+    images = []
+    for info in store.list():
+        if info.key.lower().endswith(SUPPORTED_SUFFIXES):
+            try:
+                images.append(decode_image(store.get(info.key)))
+            except ImageRejected:
+                continue
+            if len(images) >= n:
+                break
+    if not images:
+        raise KibanError(f"no readable images under {source} for the parity check")
+    return images, source
+
+
+@app.command("export")
+@fails_cleanly
+def export(
+    spec: str = typer.Argument(
+        ...,
+        help="efficientnet-lite0 | open_clip:ARCH[:PRETRAINED_OR_CKPT] | "
+        "torchvision:NAME[:WEIGHTS.pth] | timm:NAME[:WEIGHTS] | onnx:PATH",
+    ),
+    name: str = typer.Option(..., "--name", help="Registry name (letters, digits, . _ -)."),
+    family: str | None = typer.Option(
+        None, "--family", help="foundation | domain (default: foundation for open_clip)."
+    ),
+    parity_source: str | None = typer.Option(
+        None, "--parity-source", help="file:// or s3:// prefix with real images for parity."
+    ),
+    parity_images: int = typer.Option(8, "--parity-images", min=2, help="Images for parity."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+    input_size: int | None = typer.Option(None, help="onnx: input side in pixels."),
+    mean: str | None = typer.Option(None, help="onnx: per-channel mean, e.g. 0.485,0.456,0.406"),
+    std: str | None = typer.Option(None, help="onnx: per-channel std, e.g. 0.229,0.224,0.225"),
+    layout: str = typer.Option("NCHW", help="onnx: input layout NCHW | NHWC."),
+    input_dtype: str = typer.Option("float32", help="onnx: input dtype float32 | uint8."),
+    allow_parity_failure: bool = typer.Option(
+        False, help="Publish even if the ONNX model disagrees with the source model."
+    ),
+) -> None:
+    """Export an encoder to ONNX (uint8 NHWC in, embedding out), check parity, publish it."""
+    from kiban.export import OnnxOptions, export_model
+
+    if family not in (None, "foundation", "domain"):
+        raise KibanError(f"--family must be foundation or domain, not {family!r}")
+    _, store = settings_and_store()
+    options = None
+    if spec.startswith("onnx:"):
+        if input_size is None or mean is None or std is None:
+            raise KibanError("onnx: specs need --input-size, --mean and --std")
+        options = OnnxOptions(
+            input_size=input_size,
+            mean=[float(v) for v in mean.split(",")],
+            std=[float(v) for v in std.split(",")],
+            layout=layout,
+            input_dtype=input_dtype,
+        )
+    images, image_source = _parity_images(parity_source, parity_images)
+    with tempfile.TemporaryDirectory(prefix="kiban-export-") as tmp:
+        with console.status(f"exporting {spec} …"):
+            card, path = export_model(
+                spec, name, family, Path(tmp), images, opset=opset,
+                onnx_options=options, parity_source=image_source,
+            )
+        if card.parity is not None and not card.parity.passed and not allow_parity_failure:
+            raise KibanError(
+                f"parity check failed for {name}: min cosine {card.parity.min_cosine:.6f} "
+                f"< {card.parity.threshold_cosine}; not published (use --allow-parity-failure)"
+            )
+        publish(store, card, path)
+    console.print_json(card.model_dump_json())
+    parity = card.parity
+    console.print(
+        f"[green]published[/] {card.name} ({card.family}, {card.embedding_dim}-d, "
+        f"{card.params / 1e6:.1f}M params, weights: {card.weights})"
+        + (f"; parity min cosine {parity.min_cosine:.6f}" if parity else "")
+    )
+
+
+@app.command("list")
+@fails_cleanly
+def list_models() -> None:
+    """List the models in the registry with their cards' key facts."""
+    _, store = settings_and_store()
+    table = Table(title=f"models in {store.uri}")
+    for col in ("name", "family", "source", "weights", "dim", "params (M)", "MB", "parity cos"):
+        table.add_column(col)
+    for card in list_cards(store):
+        table.add_row(
+            card.name, card.family, card.source, card.weights, str(card.embedding_dim),
+            f"{card.params / 1e6:.1f}", f"{card.file_size / 1e6:.1f}",
+            f"{card.parity.min_cosine:.5f}" if card.parity else "-",
+        )
+    console.print(table)
+
+
+@app.command("show")
+@fails_cleanly
+def show(name: str) -> None:
+    """Print a model's card as JSON."""
+    _, store = settings_and_store()
+    console.print_json(json.dumps(load_card(store, name).model_dump(mode="json")))
