@@ -85,10 +85,16 @@ def _describe(exc: BaseException) -> str:
 
 def _open(data: bytes) -> Image.Image:
     """Parse the header with the accepted formats' plugins only; name what else it is."""
+    image: Image.Image | None
     try:
         image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise ImageRejected(f"decompression bomb: {exc}") from None
+        # Pillow refuses > 2 * Image.MAX_IMAGE_PIXELS inside open() before we see the
+        # size; re-parse the header without its check so our own limit (and message
+        # with W×H) applies, and a deliberately raised max_pixels is honoured.
+        image = _open_unchecked(data)
+        if image is None:
+            raise ImageRejected(f"decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise ImageRejected(_identify_other(data)) from None
     except Exception as exc:  # a header that starts right and then breaks
@@ -96,6 +102,20 @@ def _open(data: bytes) -> Image.Image:
     if image.format not in ACCEPTED_FORMATS:  # pragma: no cover - formats= already limits
         raise ImageRejected(_unsupported(image.format))
     return image
+
+
+def _open_unchecked(data: bytes) -> Image.Image | None:
+    """Header parse by the accepted plugins directly, skipping Pillow's bomb check."""
+    Image.init()
+    for fmt in _OPEN_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is not None and not accept(data[:16]):
+                continue
+            return factory(io.BytesIO(data), "")
+        except Exception:
+            continue
+    return None
 
 
 def _identify_other(data: bytes) -> str:
