@@ -1,0 +1,77 @@
+"""Cost v1: what encoding a thousand images takes with each model, from measured shards.
+
+Throughput is measured by the encoder itself (wall time of each chunk: fetch, decode,
+inference, normalisation) and stored in the shard metadata, so the report shows what
+really happened on the hardware that ran, not a benchmark from elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, Field
+
+from kiban.models.card import ModelCard
+
+
+class ShardTiming(BaseModel):
+    """The part of an encoder shard's metadata the cost model needs."""
+
+    n_images: int
+    wall_seconds: float
+    inference_seconds: float
+    provider: str
+    threads: int
+    batch_size: int
+
+
+class CostSummary(BaseModel):
+    images: int
+    provider: str = Field(description="Execution provider that really ran (e.g. CPU, CUDA).")
+    threads: int = Field(description="ONNX Runtime intra-op threads (0 = all cores).")
+    batch_size: int
+    device: str
+    encode_images_per_second: float | None = Field(
+        description="End to end: store bytes → decoded → embedded, per second."
+    )
+    inference_images_per_second: float | None = Field(
+        description="ONNX Runtime alone on already-decoded tensors."
+    )
+    seconds_per_1k: float | None
+    price_per_hour: float
+    currency: str
+    cost_per_1k: float | None
+    bytes_per_vector: int = Field(description="float32 storage of one embedding.")
+    params: int
+    model_file_bytes: int
+
+
+def summarise_cost(
+    timings: Sequence[ShardTiming],
+    card: ModelCard,
+    price_per_hour: float,
+    currency: str,
+    device: str,
+) -> CostSummary:
+    images = sum(t.n_images for t in timings)
+    wall = sum(t.wall_seconds for t in timings)
+    infer = sum(t.inference_seconds for t in timings)
+    throughput = images / wall if wall > 0 and images else None
+    seconds_per_1k = 1000.0 / throughput if throughput else None
+    providers = sorted({t.provider for t in timings}) or ["unknown"]
+    return CostSummary(
+        images=images,
+        provider="+".join(providers),
+        threads=timings[0].threads if timings else 0,
+        batch_size=timings[0].batch_size if timings else 0,
+        device=device,
+        encode_images_per_second=throughput,
+        inference_images_per_second=images / infer if infer > 0 and images else None,
+        seconds_per_1k=seconds_per_1k,
+        price_per_hour=price_per_hour,
+        currency=currency,
+        cost_per_1k=price_per_hour * seconds_per_1k / 3600.0 if seconds_per_1k else None,
+        bytes_per_vector=4 * card.embedding_dim,
+        params=card.params,
+        model_file_bytes=card.file_size,
+    )
