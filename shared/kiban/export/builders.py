@@ -159,7 +159,9 @@ def _build_open_clip(spec: ExportSpec) -> BuiltModel:
         if size[0] != size[1]:
             raise ExportError(f"{spec.arch}: non-square input {size} is not supported")
         size = size[0]
-    mean = list(cfg.get("mean", getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN))
+    mean = list(
+        cfg.get("mean", getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    )
     std = list(cfg.get("std", getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
     interpolation = cfg.get("interpolation", "bicubic")
     if interpolation not in ("bicubic", "bilinear", "nearest"):
@@ -183,8 +185,11 @@ def _build_open_clip(spec: ExportSpec) -> BuiltModel:
         module=ClipImageEmbedding(model),
         param_module=visual,
         preprocessing=Preprocessing(
-            resize_shorter=int(size), crop=int(size), interpolation=interpolation,
-            mean=[float(m) for m in mean], std=[float(s) for s in std],
+            resize_shorter=int(size),
+            crop=int(size),
+            interpolation=interpolation,
+            mean=[float(m) for m in mean],
+            std=[float(s) for s in std],
         ),
         architecture=spec.arch,
         weights=weights,
@@ -229,7 +234,9 @@ def _build_torchvision(spec: ExportSpec) -> BuiltModel:
         "preprocessing: torchvision ImageNet eval (shorter side 256, centre crop 224, bilinear)",
     ]
     if spec.weights_file is not None:
-        report = apply_state_dict(net, read_state_dict(spec.weights_file), (head,), spec.weights_file)
+        report = apply_state_dict(
+            net, read_state_dict(spec.weights_file), (head,), spec.weights_file
+        )
         notes += report.notes(spec.weights_file)
         weights, pretrained = str(spec.weights_file), True
     else:
@@ -239,8 +246,11 @@ def _build_torchvision(spec: ExportSpec) -> BuiltModel:
         module=net,
         param_module=net,
         preprocessing=Preprocessing(
-            resize_shorter=256, crop=224, interpolation="bilinear",
-            mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+            resize_shorter=256,
+            crop=224,
+            interpolation="bilinear",
+            mean=list(IMAGENET_MEAN),
+            std=list(IMAGENET_STD),
         ),
         architecture=spec.arch,
         weights=weights,
@@ -288,8 +298,11 @@ def _build_timm(spec: ExportSpec) -> BuiltModel:
         module=net,
         param_module=net,
         preprocessing=Preprocessing(
-            resize_shorter=resize, crop=height, interpolation=interpolation,
-            mean=[float(m) for m in cfg["mean"]], std=[float(s) for s in cfg["std"]],
+            resize_shorter=resize,
+            crop=height,
+            interpolation=interpolation,
+            mean=[float(m) for m in cfg["mean"]],
+            std=[float(s) for s in cfg["std"]],
         ),
         architecture=spec.arch,
         weights=weights,

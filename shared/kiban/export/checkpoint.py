@@ -37,9 +37,10 @@ class LoadReport:
                 + ", ".join(sorted(self.ignored_keys))
             )
         if self.missing_head_keys:
-            out.append("checkpoint has no classifier keys (not needed): " + ", ".join(
-                sorted(self.missing_head_keys)
-            ))
+            out.append(
+                "checkpoint has no classifier keys (not needed): "
+                + ", ".join(sorted(self.missing_head_keys))
+            )
         return out
 
 

@@ -119,7 +119,9 @@ def _parse_open_clip(text: str, rest: str) -> ExportSpec:
     return ExportSpec(raw=text, source="open_clip", arch=arch, weights=weights)
 
 
-def _parse_local_weights(text: str, prefix: Literal["torchvision", "timm"], rest: str) -> ExportSpec:
+def _parse_local_weights(
+    text: str, prefix: Literal["torchvision", "timm"], rest: str
+) -> ExportSpec:
     name, sep, weights = rest.partition(":")
     if not name:
         raise _bad(text, f"{prefix}: needs a model name, e.g. {prefix}:resnet18")
