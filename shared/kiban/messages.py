@@ -24,23 +24,39 @@ class Message(BaseModel):
     version: Literal[1] = 1
 
 
+class RunPlan(BaseModel):
+    """What follows a stage: which models encode the batch, and whether to evaluate it.
+
+    Carried along the chain of messages so each stage can send the next one, and the
+    last index task of a batch can trigger its evaluation — with no coordinator process.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[Name] = Field(default_factory=list)
+    evaluate: bool = True
+    k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 3, 5])
+
+
 class IngestBatch(Message):
-    """List, validate and label a source prefix as batch ``batch_id``."""
+    """List, validate and label a source prefix as batch ``batch_id``, then run ``plan``."""
 
     kind: Literal["ingest_batch"] = "ingest_batch"
     batch_id: Name
     source: str = Field(min_length=1, description="file:///dir or s3://bucket/prefix")
     manifest: str | None = Field(None, description="URI of a CSV/JSONL manifest")
     chunk_size: int = Field(256, ge=1, le=100_000)
+    plan: RunPlan = Field(default_factory=RunPlan)
 
 
 class EncodeChunk(Message):
-    """Encode records [start, stop) of a batch with one model and write one shard."""
+    """Encode one planned chunk of a batch with one model and write one shard."""
 
     kind: Literal["encode_chunk"] = "encode_chunk"
     batch_id: Name
     model: Name
     chunk: int = Field(ge=0)
+    plan: RunPlan | None = None
 
 
 class IndexShard(Message):
@@ -50,6 +66,7 @@ class IndexShard(Message):
     batch_id: Name
     model: Name
     chunk: int = Field(ge=0)
+    plan: RunPlan | None = None
 
 
 class EvaluateBatch(Message):
@@ -58,7 +75,10 @@ class EvaluateBatch(Message):
     kind: Literal["evaluate_batch"] = "evaluate_batch"
     batch_id: Name
     models: list[Name] = Field(min_length=1)
-    k: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 3, 5])
+    request_id: str | None = Field(
+        None, max_length=64, description="Set by the workflow; recorded in the report."
+    )
 
 
 TASK_NAMES: dict[str, str] = {

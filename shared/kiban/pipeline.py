@@ -1,26 +1,32 @@
-"""The embedded runner: one batch through ingest → encode → index → evaluate.
+"""Run one batch to its report: send the trigger, follow progress in the stores.
 
-It sends the same messages to the same Celery tasks a distributed deployment uses; in
-embedded mode Celery runs them in this process. Tasks are addressed by name, so this
-library never imports a service.
+``kiban run`` sends the same IngestBatch trigger an operations team would put on the
+queue; the stages chain themselves (see ``kiban.workflow``). Embedded, Celery runs the
+chain in this process (in a background thread, so progress can be shown); distributed,
+workers run it and this function only watches the stores.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from kiban.celery_app import app, configure, load_service_tasks
+from kiban.celery_app import configure, load_service_tasks
 from kiban.errors import KibanError
-from kiban.messages import TASK_NAMES, EncodeChunk, EvaluateBatch, IndexShard, IngestBatch, Message
+from kiban.messages import IngestBatch, RunPlan
 from kiban.models.registry import load_card
-from kiban.records import BatchInfo
+from kiban.records import report_prefix, report_versions
 from kiban.settings import Settings, use_settings
-from kiban.store import open_store
+from kiban.status import BatchStatus, batch_status
+from kiban.store import ObjectStore, open_store
+from kiban.workflow import dispatch, evaluation_request_id
 
-ProgressFn = Callable[[str, int, int], None]
+ProgressFn = Callable[[BatchStatus], None]
 
 
 def default_batch_id(source: str, manifest: str | None) -> str:
@@ -30,15 +36,13 @@ def default_batch_id(source: str, manifest: str | None) -> str:
     return f"{(tail or 'batch')[:40]}-{digest}"
 
 
-def send(message: Message, settings: Settings) -> Any:
-    """Run the task for ``message`` and wait for its result."""
-    name = TASK_NAMES[message.kind]  # type: ignore[attr-defined]
-    payload = {"message": message.model_dump(mode="json")}
-    if settings.mode == "embedded":
-        if name not in app.tasks:
-            raise KibanError(f"task {name} is not installed here (missing service extra?)")
-        return app.tasks[name].apply(kwargs=payload, throw=True).get()
-    return app.send_task(name, kwargs=payload).get(disable_sync_subtasks=False)
+def find_report(store: ObjectStore, batch_id: str, request_id: str) -> dict[str, Any] | None:
+    """The newest report of ``batch_id`` written for this evaluation request."""
+    for version in reversed(report_versions(store, batch_id)):
+        report = json.loads(store.get(f"{report_prefix(batch_id)}/{version}/report.json"))
+        if report.get("request_id") == request_id:
+            return dict(report)
+    return None
 
 
 def run_batch(
@@ -49,41 +53,54 @@ def run_batch(
     batch_id: str | None = None,
     ks: list[int] | None = None,
     progress: ProgressFn | None = None,
+    timeout: float = 24 * 3600,
+    poll_seconds: float = 0.5,
 ) -> dict[str, Any]:
     """Ingest, encode with every model, index and evaluate one batch; returns the report."""
     use_settings(settings)
     configure(settings)
-    load_service_tasks()
     store = open_store(
         settings.resolved_store_uri, settings.s3_endpoint_url, settings.s3_region, create=True
     )
     for model in models:  # fail before any work if a model is unknown
         load_card(store, model)
     batch_id = batch_id or default_batch_id(source, manifest)
-    tick = progress or (lambda stage, done, total: None)
+    plan = RunPlan(models=models, evaluate=True, k=ks or [1, 3, 5])
+    trigger = IngestBatch(
+        batch_id=batch_id, source=source, manifest=manifest,
+        chunk_size=settings.chunk_size, plan=plan,
+    )
+    request_id = evaluation_request_id(batch_id, plan)
 
-    tick("ingest", 0, 1)
-    info = BatchInfo.model_validate(
-        send(
-            IngestBatch(
-                batch_id=batch_id, source=source, manifest=manifest,
-                chunk_size=settings.chunk_size,
-            ),
-            settings,
-        )
-    )
-    tick("ingest", 1, 1)
-    total = len(info.chunks) * len(models)
-    done = 0
-    for model in models:
-        for chunk in info.chunks:
-            send(EncodeChunk(batch_id=batch_id, model=model, chunk=chunk.index), settings)
-            send(IndexShard(batch_id=batch_id, model=model, chunk=chunk.index), settings)
-            done += 1
-            tick("encode", done, total)
-    tick("evaluate", 0, 1)
-    report = send(
-        EvaluateBatch(batch_id=batch_id, models=models, k=ks or [1, 3, 5]), settings
-    )
-    tick("evaluate", 1, 1)
-    return dict(report)
+    errors: list[BaseException] = []
+    if settings.mode == "embedded":
+        load_service_tasks()
+
+        def work() -> None:
+            try:
+                dispatch(trigger, settings)
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+
+        runner = threading.Thread(target=work, name="kiban-embedded", daemon=True)
+        runner.start()
+        alive = runner.is_alive
+    else:
+        dispatch(trigger, settings)
+        alive = lambda: True  # noqa: E731 - workers run the chain; we only watch
+
+    deadline = time.monotonic() + timeout
+    while True:
+        running = alive()
+        if progress is not None:
+            progress(batch_status(store, batch_id, models))
+        if errors:
+            raise errors[0]
+        report = find_report(store, batch_id, request_id)
+        if report is not None and (not running or settings.mode == "distributed"):
+            return report
+        if not running:
+            raise KibanError(f"batch {batch_id} finished without a report (see `kiban status`)")
+        if time.monotonic() > deadline:
+            raise KibanError(f"batch {batch_id}: no report after {timeout:.0f}s")
+        time.sleep(poll_seconds)

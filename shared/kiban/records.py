@@ -112,13 +112,17 @@ def report_prefix(batch_id: str) -> str:
     return f"reports/{batch_id}"
 
 
-def latest_report_version(store: ObjectStore, batch_id: str) -> str | None:
-    """Report versions are zero-padded counters; the newest is the largest."""
-    versions = sorted(
+def report_versions(store: ObjectStore, batch_id: str) -> list[str]:
+    """Report versions are zero-padded counters, oldest first."""
+    return sorted(
         {
             info.key.split("/")[2]
             for info in store.list(report_prefix(batch_id))
             if info.key.endswith("/report.json")
         }
     )
+
+
+def latest_report_version(store: ObjectStore, batch_id: str) -> str | None:
+    versions = report_versions(store, batch_id)
     return versions[-1] if versions else None

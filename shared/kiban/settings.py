@@ -7,10 +7,11 @@ at start-up with the variable's name, never halfway through a batch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from kiban.errors import ConfigurationError
 
@@ -42,7 +43,7 @@ class Settings(BaseSettings):
     qdrant_path: Path | None = Field(
         None, description="Qdrant local-mode directory. Default: <home>/qdrant."
     )
-    ort_providers: list[str] = Field(
+    ort_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [
             "TensorrtExecutionProvider",
             "CUDAExecutionProvider",
@@ -82,6 +83,28 @@ class Settings(BaseSettings):
         description="embedded runs the Celery tasks in-process; distributed sends them to workers.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    encode_pools: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Route models to encoder pools: 'vit-b-32=gpu,effnet=cpu' sends that "
+        "model's chunks to queue encode.<pool>; others go to queue 'encode'.",
+    )
+
+    @field_validator("encode_pools", mode="before")
+    @classmethod
+    def _split_pools(cls, value: object) -> object:
+        if isinstance(value, str):
+            pools = {}
+            for item in filter(None, (v.strip() for v in value.split(","))):
+                model, sep, pool = item.partition("=")
+                if not sep or not model.strip() or not pool.strip():
+                    raise ValueError(f"expected model=pool, got {item!r}")
+                pools[model.strip()] = pool.strip()
+            return pools
+        return value
+
+    def encode_queue_for(self, model: str) -> str:
+        pool = self.encode_pools.get(model)
+        return f"encode.{pool}" if pool else "encode"
 
     @field_validator("ort_providers", mode="before")
     @classmethod
@@ -123,6 +146,8 @@ def load_settings(**overrides: object) -> Settings:
             field = str(err["loc"][0]) if err["loc"] else "?"
             problems.append(f"{Settings.env_name(field)}: {err['msg']}")
         raise ConfigurationError("invalid setting — " + "; ".join(problems)) from None
+    except SettingsError as exc:
+        raise ConfigurationError(f"invalid setting — {exc}") from None
 
 
 _active: Settings | None = None

@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich.markdown import Markdown
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from kiban.cli import models as models_cli
 from kiban.cli.common import console, fails_cleanly, settings_and_store
@@ -43,18 +50,26 @@ def _split_models(models: str) -> list[str]:
 
 
 def run_with_progress(**kwargs: object) -> dict:
+    """Run a batch, drawing one bar per stage and model from the stores' progress."""
     from kiban.pipeline import run_batch
+    from kiban.status import BatchStatus
 
     with Progress(
-        TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, transient=False,
     ) as bar:
-        tasks: dict[str, int] = {}
+        bars: dict[str, TaskID] = {}
 
-        def tick(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+        def show(name: str, done: int, total: int) -> None:
+            if name not in bars:
+                bars[name] = bar.add_task(name, total=total)
+            bar.update(bars[name], completed=done, total=total)
+
+        def tick(status: BatchStatus) -> None:
+            show("ingest", int(status.ingested), 1)
+            for m in status.models:
+                show(f"encode {m.model} (chunks)", m.encoded, m.chunks)
+                show(f"index  {m.model} (chunks)", m.indexed, m.chunks)
 
         return run_batch(progress=tick, **kwargs)  # type: ignore[arg-type]
 

@@ -1,0 +1,95 @@
+"""Where a batch stands, read from the stores alone: any process can answer it.
+
+Ingested = batch.json exists; encoded = a complete shard (its meta file) exists;
+indexed = the index task's marker exists; evaluated = a report version exists.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel
+
+from kiban.errors import StoreError
+from kiban.records import batch_prefix, read_batch_info, report_versions
+from kiban.store import ObjectStore
+
+
+class ModelProgress(BaseModel):
+    model: str
+    chunks: int
+    encoded: int
+    indexed: int
+    images_encoded: int
+    encode_failures: int
+
+
+class BatchStatus(BaseModel):
+    batch_id: str
+    ingested: bool
+    n_accepted: int = 0
+    n_quarantined: int = 0
+    n_duplicates: int = 0
+    chunks: int = 0
+    models: list[ModelProgress] = []
+    report_versions: list[str] = []
+    dead_letters: int = 0
+
+    @property
+    def latest_report(self) -> str | None:
+        return self.report_versions[-1] if self.report_versions else None
+
+
+def _count(store: ObjectStore, prefix: str) -> int:
+    return sum(1 for _ in store.list(prefix))
+
+
+def dead_letter_count(store: ObjectStore, batch_id: str | None = None) -> int:
+    if batch_id is None:
+        return _count(store, "deadletter")
+    n = 0
+    for info in store.list("deadletter"):
+        if batch_id in store.get(info.key).decode(errors="replace"):
+            n += 1
+    return n
+
+
+def batch_status(store: ObjectStore, batch_id: str, models: list[str] | None = None) -> BatchStatus:
+    try:
+        info = read_batch_info(store, batch_id)
+    except StoreError:
+        return BatchStatus(batch_id=batch_id, ingested=False)
+    if models is None:
+        models = sorted(
+            {i.key.split("/")[1] for i in store.list("embeddings") if i.key.split("/")[2] == batch_id}
+        )
+    progress = []
+    for model in models:
+        metas = [
+            json.loads(store.get(i.key))
+            for i in store.list(f"embeddings/{model}/{batch_id}")
+            if i.key.endswith(".json")
+        ]
+        indexed = _count(store, f"{batch_prefix(batch_id)}/progress/indexed/{model}")
+        progress.append(
+            ModelProgress(
+                model=model,
+                chunks=len(info.chunks),
+                encoded=len(metas),
+                indexed=indexed,
+                images_encoded=sum(m["n_images"] for m in metas),
+                encode_failures=sum(len(m["failures"]) for m in metas),
+            )
+        )
+    versions = report_versions(store, batch_id)
+    return BatchStatus(
+        batch_id=batch_id,
+        ingested=True,
+        n_accepted=info.n_accepted,
+        n_quarantined=info.n_quarantined,
+        n_duplicates=info.n_duplicates,
+        chunks=len(info.chunks),
+        models=progress,
+        report_versions=versions,
+        dead_letters=dead_letter_count(store, batch_id),
+    )
