@@ -99,7 +99,7 @@ def _ratio(num: NDArray, den: NDArray) -> NDArray[np.float64]:
 
 
 def metrics_from_sums(sums: NDArray[np.float64], layout: SumLayout) -> dict[str, NDArray]:
-    """Headline metrics ``{"<key>@<j>": [b]}`` from summed columns ``[b, width]``; NaN = undefined."""
+    """Headline metrics ``{"<key>@<j>": [b]}`` from sums ``[b, width]``; NaN = undefined."""
     c = layout.n_classes
     n = sums[:, 0]
     n_rel = sums[:, 1]

@@ -115,7 +115,7 @@ def topk_block(sims: NDArray[np.float32], k: int) -> tuple[NDArray[np.int64], ND
     if nb == 0 or k == 0 or sims.shape[1] == 0:
         return out_cols, out_vals
     mask = sims >= _lower_bound(sims, k)[:, None]
-    if np.count_nonzero(mask) > 4 * nb * k + 4096:  # massive ties: bound is too loose
+    if np.count_nonzero(mask) > 4 * nb * k + 256:  # massive ties: bound is too loose
         mask = _exact_selection(sims, k)
     rows, cols = _nonzero_2d(mask)
     vals = sims[rows, cols]
