@@ -1,0 +1,185 @@
+"""Micro-benchmark of the exact retrieval-evaluation kernel (``kiban_reporter.metrics``).
+
+(a) Efficiency: GFLOP/s of the blocked search (matmul + group exclusion + exact top-k with the
+    tie rule), counting 2*Nq*Nc*D FLOP, divided by the GFLOP/s of ONE plain numpy matmul of the
+    same block shape. The ratio says how much of the BLAS speed the bookkeeping costs;
+    target >= 0.6.
+(c) Peak memory of a full ``evaluate`` (search + metrics + 1,000 bootstrap resamples) on
+    50k and 200k x 1,024 vectors with a query sample, each in a fresh subprocess: ru_maxrss
+    delta (after the vectors exist) and tracemalloc peak. All-vs-all at 200k is 8e13 FLOP
+    (about half an hour on two cores), so the query sample is how such sizes are evaluated.
+
+Run: ``python bench/bench_knn.py`` (``--quick`` for a fast smoke run). Numbers are machine-
+dependent; they are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+D = 1024
+
+
+def _vectors(n: int, seed: int, n_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised float32 vectors built in chunks (no float64 temporaries of full size)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, size=n)
+    centres = rng.standard_normal((n_classes, D), dtype=np.float32)
+    v = np.empty((n, D), dtype=np.float32)
+    for s in range(0, n, 8192):
+        e = min(n, s + 8192)
+        chunk = rng.standard_normal((e - s, D), dtype=np.float32) * 3.0 + centres[labels[s:e]]
+        chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
+        v[s:e] = chunk
+    return v, labels
+
+
+def bench_efficiency(n_cand: int, n_queries: int, block: int, k: int) -> dict:
+    from kiban_reporter.metrics.knn import exact_knn
+
+    v, _ = _vectors(n_cand, 0)
+    groups = np.arange(n_cand) // 50  # 50 rows per group (e.g. tiles of one slide)
+    qrows = np.sort(np.random.default_rng(1).choice(n_cand, n_queries, replace=False))
+    buf = np.empty((block, n_cand), dtype=np.float32)
+    qb = v[qrows[:block]]
+    np.matmul(qb, v.T, out=buf)  # warm-up
+    exact_knn(v, k, qrows[:block], None, groups, block)  # warm-up
+    # Interleaved repeats, best of each: the machine is shared, so the minimum is the least
+    # disturbed measurement of both sides of the ratio.
+    t_mm = t_k = float("inf")
+    for _ in range(3):
+        for _ in range(2):
+            t = time.perf_counter()
+            np.matmul(qb, v.T, out=buf)
+            t_mm = min(t_mm, time.perf_counter() - t)
+        t = time.perf_counter()
+        exact_knn(v, k, qrows, None, groups, block)
+        t_k = min(t_k, time.perf_counter() - t)
+    gf_mm = 2 * block * n_cand * D / t_mm / 1e9
+    del buf
+    gf_k = 2 * n_queries * n_cand * D / t_k / 1e9
+    return {
+        "n_cand": n_cand,
+        "n_queries": n_queries,
+        "block": block,
+        "k": k,
+        "matmul_block_s": t_mm,
+        "matmul_gflops": gf_mm,
+        "kernel_s": t_k,
+        "kernel_gflops": gf_k,
+        "ratio": gf_k / gf_mm,
+    }
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux), so data generation does not mask the peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _memory_child(n: int, n_queries: int, block: int, n_boot: int) -> None:
+    """Runs in a subprocess: build data, then measure evaluate()'s extra peak memory."""
+    import resource
+    import tracemalloc
+
+    from kiban_reporter.metrics import evaluate
+
+    v, labels = _vectors(n, 2)
+    label_str = np.array([f"class{x}" for x in labels])
+    groups = np.array([f"slide{x:05d}" for x in np.arange(n) // 100])
+    qmask = np.zeros(n, dtype=bool)
+    qmask[np.random.default_rng(3).choice(n, n_queries, replace=False)] = True
+    reset = _reset_peak_rss()
+    base_kb = _status_kb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
+    t = time.perf_counter()
+    res = evaluate(v, label_str, groups, query_mask=qmask, bootstrap=n_boot, block_size=block)
+    elapsed = time.perf_counter() - t
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "n_queries": n_queries,
+                "block": block,
+                "bootstrap": n_boot,
+                "vectors_mb": v.nbytes / 2**20,
+                "rss_delta_mb": (peak_kb - base_kb) / 1024,
+                "tracemalloc_peak_mb": peak / 2**20,
+                "estimate_mb": min(block, n_queries) * n * 5 / 2**20,
+                "evaluate_s": elapsed,
+                "mv5_macro_f1": res.at(5).mv_macro_f1.value,
+            }
+        )
+    )
+
+
+def bench_memory(n: int, n_queries: int, block: int, n_boot: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(n), str(n_queries), str(block), str(n_boot)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
+    parser.add_argument("--child", nargs=4, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _memory_child(*args.child)
+        return
+
+    if args.quick:
+        eff = [bench_efficiency(20_000, 2048, 1024, 5)]
+        mem = [bench_memory(20_000, 500, 1024, 200)]
+    else:
+        eff = [bench_efficiency(50_000, 4096, 1024, 5), bench_efficiency(50_000, 4096, 256, 10)]
+        mem = [bench_memory(50_000, 2000, 1024, 1000), bench_memory(200_000, 2000, 1024, 1000)]
+
+    print(f"(a) kernel efficiency, D={D}, groups of 50 (target ratio >= 0.6)")
+    print(
+        f"{'Nc':>8} {'Nq':>6} {'block':>6} {'k':>3} {'matmul GF/s':>12} "
+        f"{'kernel GF/s':>12} {'kernel s':>9} {'ratio':>6}"
+    )
+    for r in eff:
+        print(
+            f"{r['n_cand']:>8} {r['n_queries']:>6} {r['block']:>6} {r['k']:>3} "
+            f"{r['matmul_gflops']:>12.1f} {r['kernel_gflops']:>12.1f} "
+            f"{r['kernel_s']:>9.2f} {r['ratio']:>6.2f}"
+        )
+    print(f"\n(c) evaluate() peak memory beyond the vectors, D={D}, query sample, groups of 100")
+    print(
+        f"{'N':>8} {'Nq':>6} {'block':>6} {'boot':>5} {'vectors MB':>11} {'RSS delta MB':>13} "
+        f"{'tracemalloc MB':>15} {'~block*N*5 MB':>14} {'time s':>7}"
+    )
+    for r in mem:
+        print(
+            f"{r['n']:>8} {r['n_queries']:>6} {r['block']:>6} {r['bootstrap']:>5} "
+            f"{r['vectors_mb']:>11.0f} {r['rss_delta_mb']:>13.0f} "
+            f"{r['tracemalloc_peak_mb']:>15.0f} {r['estimate_mb']:>14.0f} "
+            f"{r['evaluate_s']:>7.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
