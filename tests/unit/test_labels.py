@@ -22,9 +22,7 @@ def test_folder_label_is_first_level() -> None:
 
 
 def test_csv_manifest_with_groups_and_splits() -> None:
-    data = (
-        b"key,label,group,split\na/1.jpg,crazing,lot-1,train\nb/2.jpg,pitted,17,test\n3.jpg,,,\n"
-    )
+    data = b"key,label,group,split\na/1.jpg,crazing,lot-1,train\nb/2.jpg,pitted,17,test\n3.jpg,,,\n"
     entries = parse_manifest(data, "m.csv")
     assert entries["a/1.jpg"] == LabelEntry("crazing", "lot-1", "train", line=2)
     assert entries["b/2.jpg"] == LabelEntry("pitted", "17", "test", line=3)

@@ -185,13 +185,14 @@ def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
 
 def read_manifest(uri: str, source: ObjectStore, ctx: Context) -> Manifest:
     """Read and parse the manifest: a URI, or a key relative to the source prefix."""
+    inside: str | None
     try:
         if "://" not in uri:
             key = safe_key(uri)
             data, full_uri, inside = source.get(key), f"{source.uri}/{key}", key
         else:
             parent, _, name = uri.rstrip("/").rpartition("/")
-            if not name or parent.endswith(":/"):
+            if not name or parent.endswith("/"):
                 raise ManifestError(
                     f"manifest {uri}: expected file:///dir/name or s3://bucket/name"
                 )
