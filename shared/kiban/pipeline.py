@@ -67,8 +67,11 @@ def run_batch(
     batch_id = batch_id or default_batch_id(source, manifest)
     plan = RunPlan(models=models, evaluate=True, k=ks or [1, 3, 5])
     trigger = IngestBatch(
-        batch_id=batch_id, source=source, manifest=manifest,
-        chunk_size=settings.chunk_size, plan=plan,
+        batch_id=batch_id,
+        source=source,
+        manifest=manifest,
+        chunk_size=settings.chunk_size,
+        plan=plan,
     )
     request_id = evaluation_request_id(batch_id, plan)
 

@@ -68,8 +68,11 @@ class Settings(BaseSettings):
     min_image_side: int = Field(
         8, ge=1, description="Images with a side shorter than this are quarantined."
     )
-    price_per_hour: float = Field(
-        0.0, ge=0, description="Hourly price of one encoder worker (for cost per 1k images)."
+    price_per_hour: float | None = Field(
+        None,
+        ge=0,
+        description="Hourly price of one encoder worker (for cost per 1k images); "
+        "unset leaves cost out of the report.",
     )
     price_currency: str = Field("USD", description="Currency label for price_per_hour.")
     device_label: str = Field(

@@ -61,7 +61,11 @@ def batch_status(store: ObjectStore, batch_id: str, models: list[str] | None = N
         return BatchStatus(batch_id=batch_id, ingested=False)
     if models is None:
         models = sorted(
-            {i.key.split("/")[1] for i in store.list("embeddings") if i.key.split("/")[2] == batch_id}
+            {
+                i.key.split("/")[1]
+                for i in store.list("embeddings")
+                if i.key.split("/")[2] == batch_id
+            }
         )
     progress = []
     for model in models:

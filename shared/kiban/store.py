@@ -204,8 +204,10 @@ def open_store(
     """Open ``file:///dir`` or ``s3://bucket/prefix``; ``create`` makes the dir or bucket."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
-        root = Path(unquote(parsed.netloc + parsed.path)) if parsed.netloc else Path(
-            unquote(parsed.path)
+        root = (
+            Path(unquote(parsed.netloc + parsed.path))
+            if parsed.netloc
+            else Path(unquote(parsed.path))
         )
         if create:
             root.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ metrics and dead-lettering behave the same in every container and in embedded mo
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -42,10 +43,14 @@ def close_vector_indexes() -> None:
     _INDEX.clear()
 
 
+atexit.register(close_vector_indexes)  # Qdrant local mode flushes and unlocks on close
+
+
 def dead_letter(ctx: Context, task: str, payload: Any, reason: str) -> str:
     """Keep a rejected message with its reason in the store; nothing is lost silently."""
-    body = json.dumps({"task": task, "reason": redact(reason), "payload": payload},
-                      default=str, sort_keys=True)
+    body = json.dumps(
+        {"task": task, "reason": redact(reason), "payload": payload}, default=str, sort_keys=True
+    )
     digest = hashlib.sha256(body.encode()).hexdigest()[:16]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     key = f"deadletter/{task}/{stamp}-{digest}.json"

@@ -9,10 +9,14 @@ from prometheus_client import Counter, Gauge, Histogram
 
 _SECRET_PATTERNS = [
     # user:password@ in URLs (redis://:pw@host, s3 endpoints with creds)
-    (re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]+)@"),
-     r"\g<scheme>\g<user>:***@"),
-    (re.compile(r"(?i)(api[_-]?key|secret|password|token)(['\"]?\s*[:=]\s*['\"]?)([^\s'\",]+)"),
-     r"\1\2***"),
+    (
+        re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]+)@"),
+        r"\g<scheme>\g<user>:***@",
+    ),
+    (
+        re.compile(r"(?i)(api[_-]?key|secret|password|token)(['\"]?\s*[:=]\s*['\"]?)([^\s'\",]+)"),
+        r"\1\2***",
+    ),
 ]
 
 
@@ -33,23 +37,27 @@ class RedactingFilter(logging.Filter):
 
 
 def setup_logging(level: str = "INFO") -> None:
+    """kiban's own loggers at ``level``; third-party chatter (Celery traces, open_clip) at
+    WARNING. Every handler redacts secrets."""
     root = logging.getLogger()
     if not any(isinstance(f, RedactingFilter) for h in root.handlers for f in h.filters):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.addFilter(RedactingFilter())
         root.addHandler(handler)
-    root.setLevel(level.upper())
+    root.setLevel(logging.WARNING)
+    for name in ("kiban", "kiban_ingest", "kiban_encoder", "kiban_reporter"):
+        logging.getLogger(name).setLevel(level.upper())
 
 
 TASK_SECONDS = Histogram(
-    "kiban_task_duration_seconds", "Wall time of a kiban task", ["task"],
+    "kiban_task_duration_seconds",
+    "Wall time of a kiban task",
+    ["task"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 TASK_FAILURES = Counter("kiban_task_failures_total", "Tasks that raised", ["task", "reason"])
-IMAGES_ENCODED = Counter(
-    "kiban_images_encoded_total", "Images embedded", ["model", "provider"]
-)
+IMAGES_ENCODED = Counter("kiban_images_encoded_total", "Images embedded", ["model", "provider"])
 ENCODE_THROUGHPUT = Gauge(
     "kiban_encode_images_per_second", "Throughput of the last encoded chunk", ["model"]
 )

@@ -38,7 +38,9 @@ class VectorIndex:
 
         self.settings = settings
         if settings.qdrant_url:
-            api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+            api_key = (
+                settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+            )
             self.client = QdrantClient(url=settings.qdrant_url, api_key=api_key, timeout=60)
             self.location = settings.qdrant_url
         else:

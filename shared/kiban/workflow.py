@@ -59,9 +59,7 @@ def indexed_marker(batch_id: str, model: str, chunk: int) -> str:
     return f"{batch_prefix(batch_id)}/progress/indexed/{model}/chunk-{chunk:05d}"
 
 
-def after_ingest(
-    msg: IngestBatch, info: BatchInfo, store: ObjectStore, settings: Settings
-) -> None:
+def after_ingest(msg: IngestBatch, info: BatchInfo, store: ObjectStore, settings: Settings) -> None:
     for model in msg.plan.models:
         for chunk in info.chunks:
             dispatch(
@@ -82,14 +80,20 @@ def after_encode(msg: EncodeChunk, settings: Settings) -> None:
 
 def batch_complete(store: ObjectStore, info: BatchInfo, models: list[str]) -> bool:
     for model in models:
-        done = {i.key for i in store.list(f"{batch_prefix(info.batch_id)}/progress/indexed/{model}")}
+        done = {
+            i.key for i in store.list(f"{batch_prefix(info.batch_id)}/progress/indexed/{model}")
+        }
         if len(done) < len(info.chunks):
             return False
     return True
 
 
 def claim_once(settings: Settings, store: ObjectStore, key: str) -> bool:
-    """True for exactly one caller per key: Redis SET NX when distributed, a marker when embedded."""
+    """True for exactly one caller per key.
+
+    Distributed: Redis SET NX on the broker (atomic across workers). Embedded: a marker
+    object in the store (one process).
+    """
     if settings.mode == "distributed":
         import redis
 
@@ -108,9 +112,7 @@ def evaluation_request_id(batch_id: str, plan: RunPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def after_index(
-    msg: IndexShard, info: BatchInfo, store: ObjectStore, settings: Settings
-) -> None:
+def after_index(msg: IndexShard, info: BatchInfo, store: ObjectStore, settings: Settings) -> None:
     """Record the chunk as indexed; the task that completes the batch triggers evaluation."""
     store.put(indexed_marker(msg.batch_id, msg.model, msg.chunk), b"")
     plan: RunPlan | None = msg.plan

@@ -6,12 +6,12 @@ import logging
 import time
 
 import numpy as np
-
 from kiban.context import Context
 from kiban.messages import EncodeChunk
 from kiban.models.registry import fetch_model, load_card
 from kiban.records import read_batch_info, read_records
 from kiban.telemetry import ENCODE_THROUGHPUT, IMAGES_ENCODED
+
 from kiban_encoder.reader import decoded_batches
 from kiban_encoder.session import load_model
 from kiban_encoder.shards import ShardMeta, read_meta, write_shard
@@ -55,8 +55,13 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
     parts: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
     for batch in decoded_batches(
-        source, records, card.preprocessing, s.batch_size, s.decode_workers,
-        s.max_image_pixels, s.min_image_side,
+        source,
+        records,
+        card.preprocessing,
+        s.batch_size,
+        s.decode_workers,
+        s.max_image_pixels,
+        s.min_image_side,
     ):
         failures.extend(batch.failures)
         if not batch.records:

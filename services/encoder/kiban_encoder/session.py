@@ -6,6 +6,7 @@ provider that really runs is read back from the session and recorded with every 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from dataclasses import dataclass
@@ -34,10 +35,27 @@ _CACHE: dict[tuple[str, tuple[str, ...], int], LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
+# onnxruntime-gpu lists GPU providers even where the driver libraries are missing, then
+# prints pages of errors while falling back; a cheap dlopen check keeps that out of logs.
+_NEEDS_LIBRARY = {
+    "CUDAExecutionProvider": "libcuda.so.1",
+    "TensorrtExecutionProvider": "libnvinfer.so.10",
+}
+
+
+def _loadable(library: str) -> bool:
+    try:
+        ctypes.CDLL(library)
+        return True
+    except OSError:
+        return False
+
+
 def usable_providers(wanted: list[str]) -> list[str]:
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
+    available = {p for p in available if p not in _NEEDS_LIBRARY or _loadable(_NEEDS_LIBRARY[p])}
     chosen = [p for p in wanted if p in available]
     skipped = [p for p in wanted if p not in available]
     if skipped:

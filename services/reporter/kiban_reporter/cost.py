@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, Field
-
 from kiban.models.card import ModelCard
+from pydantic import BaseModel, Field
 
 
 class ShardTiming(BaseModel):
@@ -38,7 +37,7 @@ class CostSummary(BaseModel):
         description="ONNX Runtime alone on already-decoded tensors."
     )
     seconds_per_1k: float | None
-    price_per_hour: float
+    price_per_hour: float | None
     currency: str
     cost_per_1k: float | None
     bytes_per_vector: int = Field(description="float32 storage of one embedding.")
@@ -49,7 +48,7 @@ class CostSummary(BaseModel):
 def summarise_cost(
     timings: Sequence[ShardTiming],
     card: ModelCard,
-    price_per_hour: float,
+    price_per_hour: float | None,
     currency: str,
     device: str,
 ) -> CostSummary:
@@ -70,7 +69,11 @@ def summarise_cost(
         seconds_per_1k=seconds_per_1k,
         price_per_hour=price_per_hour,
         currency=currency,
-        cost_per_1k=price_per_hour * seconds_per_1k / 3600.0 if seconds_per_1k else None,
+        cost_per_1k=(
+            price_per_hour * seconds_per_1k / 3600.0
+            if seconds_per_1k and price_per_hour is not None
+            else None
+        ),
         bytes_per_vector=4 * card.embedding_dim,
         params=card.params,
         model_file_bytes=card.file_size,

@@ -33,7 +33,11 @@ def ensure_model(store, name: str) -> None:  # type: ignore[no-untyped-def]
     with tempfile.TemporaryDirectory(prefix="kiban-export-") as tmp:
         with console.status(f"exporting {name} from {spec} …"):
             card, path = export_model(
-                spec, name, family, Path(tmp), sample_images(n=8, seed=0),
+                spec,
+                name,
+                family,
+                Path(tmp),
+                sample_images(n=8, seed=0),
                 parity_source="synthetic textures (kiban.synthetic)",
             )
         publish(store, card, path)
@@ -56,7 +60,10 @@ def run_demo(per_class: int, models: list[str]) -> None:
     for name in models:
         ensure_model(store, name)
     report = run_with_progress(
-        settings=settings, source=data_dir.as_uri(), models=models,
-        manifest=(data_dir / "manifest.csv").as_uri(), batch_id=f"demo-{per_class}",
+        settings=settings,
+        source=data_dir.as_uri(),
+        models=models,
+        manifest=(data_dir / "manifest.csv").as_uri(),
+        batch_id=f"demo-{per_class}",
     )
     _print_report(store, report["batch_id"], report["version"])

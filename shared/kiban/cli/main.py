@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from rich.markdown import Markdown
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,8 +19,8 @@ from rich.progress import (
 
 from kiban.cli import models as models_cli
 from kiban.cli.common import console, fails_cleanly, settings_and_store
+from kiban.cli.report_view import print_summary
 from kiban.errors import KibanError, StoreError
-from kiban.telemetry import redact
 from kiban.records import (
     latest_report_version,
     read_batch_info,
@@ -29,6 +28,8 @@ from kiban.records import (
     report_prefix,
     shard_key,
 )
+from kiban.store import ObjectStore
+from kiban.telemetry import redact
 
 app = typer.Typer(
     help="kiban: is the foundation model worth it on our images? Embed, index, evaluate.",
@@ -55,8 +56,12 @@ def run_with_progress(**kwargs: object) -> dict:
     from kiban.status import BatchStatus
 
     with Progress(
-        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as bar:
         bars: dict[str, TaskID] = {}
 
@@ -89,16 +94,19 @@ def run(
     settings, store = settings_and_store()
     ks = [int(v) for v in k.split(",")]
     report = run_with_progress(
-        settings=settings, source=source, models=_split_models(models), manifest=manifest,
-        batch_id=batch, ks=ks,
+        settings=settings,
+        source=source,
+        models=_split_models(models),
+        manifest=manifest,
+        batch_id=batch,
+        ks=ks,
     )
     _print_report(store, report["batch_id"], report["version"])
 
 
-def _print_report(store, batch_id: str, version: str) -> None:  # type: ignore[no-untyped-def]
-    md = store.get(f"{report_prefix(batch_id)}/{version}/report.md").decode()
-    console.print(Markdown(md))
-    console.print(f"report: {store.uri}/{report_prefix(batch_id)}/{version}/report.{{json,md}}")
+def _print_report(store: ObjectStore, batch_id: str, version: str) -> None:
+    prefix = f"{report_prefix(batch_id)}/{version}"
+    print_summary(json.loads(store.get(f"{prefix}/report.json")), f"{store.uri}/{prefix}")
 
 
 @report_app.command("show")
@@ -107,14 +115,18 @@ def report_show(
     batch: str = typer.Argument(..., help="Batch ID."),
     version: str | None = typer.Option(None, help="Report version (default: latest)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the full Markdown report."),
 ) -> None:
     """Show a batch's evaluation report (the newest version unless --version)."""
     _, store = settings_and_store()
     version = version or latest_report_version(store, batch)
     if version is None:
         raise KibanError(f"no report for batch {batch!r} in {store.uri}")
+    prefix = f"{report_prefix(batch)}/{version}"
     if as_json:
-        console.print_json(store.get(f"{report_prefix(batch)}/{version}/report.json").decode())
+        console.print_json(store.get(f"{prefix}/report.json").decode())
+    elif markdown:
+        console.print(store.get(f"{prefix}/report.md").decode(), markup=False, highlight=False)
     else:
         _print_report(store, batch, version)
 
@@ -148,8 +160,12 @@ def embeddings_export(
     groups = [by_key[k].group or "" for k in keys]
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
-        out, ids=np.asarray(ids), keys=np.asarray(keys), vectors=vectors,
-        labels=np.asarray(labels), groups=np.asarray(groups),
+        out,
+        ids=np.asarray(ids),
+        keys=np.asarray(keys),
+        vectors=vectors,
+        labels=np.asarray(labels),
+        groups=np.asarray(groups),
     )
     console.print(f"wrote {len(ids)} × {vectors.shape[1] if vectors.size else 0} vectors to {out}")
 

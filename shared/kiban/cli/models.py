@@ -90,8 +90,14 @@ def export(
     with tempfile.TemporaryDirectory(prefix="kiban-export-") as tmp:
         with console.status(f"exporting {spec} …"):
             card, path = export_model(
-                spec, name, family, Path(tmp), images, opset=opset,
-                onnx_options=options, parity_source=image_source,
+                spec,
+                name,
+                family,
+                Path(tmp),
+                images,
+                opset=opset,
+                onnx_options=options,
+                parity_source=image_source,
             )
         if card.parity is not None and not card.parity.passed and not allow_parity_failure:
             raise KibanError(
@@ -118,8 +124,13 @@ def list_models() -> None:
         table.add_column(col)
     for card in list_cards(store):
         table.add_row(
-            card.name, card.family, card.source, card.weights, str(card.embedding_dim),
-            f"{card.params / 1e6:.1f}", f"{card.file_size / 1e6:.1f}",
+            card.name,
+            card.family,
+            card.source,
+            card.weights,
+            str(card.embedding_dim),
+            f"{card.params / 1e6:.1f}",
+            f"{card.file_size / 1e6:.1f}",
             f"{card.parity.min_cosine:.5f}" if card.parity else "-",
         )
     console.print(table)
