@@ -88,7 +88,8 @@ def _open(data: bytes) -> Image.Image:
     image: Image.Image | None
     try:
         image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # (the warning is raised only where warnings are errors, e.g. python -W error)
         # Pillow refuses > 2 * Image.MAX_IMAGE_PIXELS inside open() before we see the
         # size; re-parse the header without its check so our own limit (and message
         # with W×H) applies, and a deliberately raised max_pixels is honoured.

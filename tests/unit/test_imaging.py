@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -90,6 +91,16 @@ def test_decompression_bomb_forged_header() -> None:
     assert reason_of(bomb) == (
         "decompression bomb: 100000×100000 = 10000000000 pixels exceeds limit 80000000"
     )
+
+
+def test_decompression_bomb_when_pillow_warnings_are_errors() -> None:
+    """Under ``-W error`` Pillow raises its 89 Mpx warning from open(); same verdict."""
+    bomb = raw_png(10_000, 10_000, 8, 0, b"\x00" * 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert reason_of(bomb) == (
+            "decompression bomb: 10000×10000 = 100000000 pixels exceeds limit 80000000"
+        )
 
 
 def test_decompression_bomb_genuine_low_limit() -> None:
