@@ -54,7 +54,7 @@ candidates) through ``query_mask``.
 
 from kiban_reporter.metrics.evaluate import evaluate
 from kiban_reporter.metrics.knn import KnnResult, exact_knn
-from kiban_reporter.metrics.paired import compare, mcnemar_exact
+from kiban_reporter.metrics.paired import compare, mcnemar_exact, verdict_line
 from kiban_reporter.metrics.results import (
     ClassificationReport,
     ClassMetrics,
@@ -82,4 +82,5 @@ __all__ = [
     "evaluate",
     "exact_knn",
     "mcnemar_exact",
+    "verdict_line",
 ]
