@@ -1,0 +1,54 @@
+"""Queue messages: versioned, strict, and rejected with a reason that names the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiban.errors import InvalidMessageError
+from kiban.messages import EncodeChunk, EvaluateBatch, IngestBatch, RunPlan, parse_message
+
+
+def test_valid_ingest_message_round_trips() -> None:
+    msg = IngestBatch(
+        batch_id="night-2026-11-28", source="s3://b/p", plan=RunPlan(models=["a", "b"])
+    )
+    again = parse_message(msg.model_dump(mode="json"), IngestBatch)
+    assert again == msg
+    assert again.version == 1
+    assert again.plan.k == [1, 3, 5]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"batch_id": "../etc", "source": "file:///x"}, "batch_id"),
+        ({"batch_id": "ok", "source": ""}, "source"),
+        ({"batch_id": "ok", "source": "file:///x", "unexpected": 1}, "unexpected"),
+        ({"batch_id": "ok", "source": "file:///x", "version": 2}, "version"),
+        ({"batch_id": "ok", "source": "file:///x", "chunk_size": 0}, "chunk_size"),
+    ],
+)
+def test_invalid_messages_name_the_problem(payload: dict, field: str) -> None:
+    with pytest.raises(InvalidMessageError) as err:
+        parse_message(payload, IngestBatch)
+    assert field in str(err.value)
+    assert "IngestBatch" in str(err.value)
+
+
+def test_encode_chunk_rejects_negative_chunk_and_bad_model_name() -> None:
+    with pytest.raises(InvalidMessageError, match="chunk"):
+        parse_message({"batch_id": "b", "model": "m", "chunk": -1}, EncodeChunk)
+    with pytest.raises(InvalidMessageError, match="model"):
+        parse_message({"batch_id": "b", "model": "a/b", "chunk": 0}, EncodeChunk)
+
+
+def test_evaluate_needs_models_and_positive_k() -> None:
+    with pytest.raises(InvalidMessageError, match="models"):
+        parse_message({"batch_id": "b", "models": []}, EvaluateBatch)
+    with pytest.raises(InvalidMessageError, match="k"):
+        parse_message({"batch_id": "b", "models": ["m"], "k": [0]}, EvaluateBatch)
+
+
+def test_non_dict_payload_is_rejected() -> None:
+    with pytest.raises(InvalidMessageError):
+        parse_message("not a message", IngestBatch)
