@@ -269,6 +269,30 @@ def test_onnx_wrap_nhwc_fixed_batch(tmp_path: Path, images: list[Image.Image]) -
     assert card.family == "foundation"
 
 
+class _Uint8Graph(torch.nn.Module):
+    """Takes raw uint8 NHWC pixels and normalises itself (like many exported apps do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return self.conv(x).flatten(1)  # rank 2 but spatial: reduce=auto keeps it as is
+
+
+def test_onnx_wrap_uint8_input(tmp_path: Path, images: list[Image.Image]) -> None:
+    torch.manual_seed(4)
+    src = tmp_path / "u8.onnx"
+    _save_onnx(_Uint8Graph(), torch.zeros(2, 32, 32, 3, dtype=torch.uint8), src, dynamic=True)
+    options = OnnxOptions(input_size=32, layout="NHWC", input_dtype="uint8")
+    card, path = export_model(
+        f"onnx:{src}", "u8", None, tmp_path / "out", images, onnx_options=options
+    )
+    _check_card_and_file(card, path, images, dim=4 * 15 * 15)
+    assert any("normalises itself" in n for n in card.notes)
+
+
 def test_onnx_wrap_errors(tmp_path: Path, images: list[Image.Image]) -> None:
     src = tmp_path / "tiny.onnx"
     _save_onnx(_TinyNHWC(), torch.zeros(1, 48, 48, 3), src, dynamic=False)

@@ -38,7 +38,6 @@ class BuiltModel:
     default_family: str
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    needs_mha_fastpath_off: bool = False
 
 
 def build(spec: ExportSpec) -> BuiltModel:
@@ -197,7 +196,6 @@ def _build_open_clip(spec: ExportSpec) -> BuiltModel:
         default_family="foundation",
         versions={"open_clip": open_clip.__version__},
         notes=notes,
-        needs_mha_fastpath_off=True,
     )
 
 

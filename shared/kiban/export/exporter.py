@@ -116,7 +116,8 @@ def _export_torch(
         prep.crop,
         out_path,
         opset,
-        disable_mha_fastpath=built.needs_mha_fastpath_off,
+        # Always off: torchvision ViTs use nn.MultiheadAttention too, and it costs nothing.
+        disable_mha_fastpath=True,
     )
     crops = parity.make_crops(images, prep)
     graph = parity.run_graph(out_path, crops)

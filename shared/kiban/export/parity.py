@@ -75,6 +75,8 @@ def run_graph(path: Path, crops: np.ndarray, input_name: str = "images") -> Grap
     )
     if batched.ndim != 2 or batched.shape[0] != len(crops):
         raise ExportError(f"exported graph returns shape {batched.shape}, expected [N, D]")
+    if not (np.isfinite(batched).all() and np.isfinite(single).all()):
+        raise ExportError("exported graph produces NaN/inf embeddings on the parity images")
     if batched.dtype != np.float32:
         raise ExportError(f"exported graph returns {batched.dtype}, expected float32")
     consistency = cosines(batched, single).min()
@@ -103,6 +105,8 @@ def compare(graph: GraphRun, reference: np.ndarray, images: int, image_source: s
         raise ExportError(
             f"graph output {graph.batched.shape} and reference {reference.shape} differ in shape"
         )
+    if not np.isfinite(reference).all():
+        raise ExportError("the source model produces NaN/inf embeddings on the parity images")
     cos = np.minimum(cosines(graph.batched, reference), cosines(graph.single, reference))
     diff = max(
         float(np.abs(graph.batched - reference).max()),
