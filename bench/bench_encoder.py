@@ -28,7 +28,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 NEU = REPO.parent / "shared" / "datasets" / "neu-det"
-MODELS = {"vit-b-32": ("open_clip:ViT-B-32", "foundation"), "effnet-lite0": ("efficientnet-lite0", "domain")}
+MODELS = {
+    "vit-b-32": ("open_clip:ViT-B-32", "foundation"),
+    "effnet-lite0": ("efficientnet-lite0", "domain"),
+}
 
 
 def make_settings(home: Path, **kw):  # type: ignore[no-untyped-def]
@@ -90,7 +93,9 @@ def encode_batch(settings, source: Path, batch: str, model: str) -> tuple[int, f
     from kiban_ingest.ingest import ingest_batch
 
     ctx = Context.from_settings(settings)
-    info = ingest_batch(IngestBatch(batch_id=batch, source=source.as_uri(), chunk_size=settings.chunk_size), ctx)
+    info = ingest_batch(
+        IngestBatch(batch_id=batch, source=source.as_uri(), chunk_size=settings.chunk_size), ctx
+    )
     index = vector_index(settings)
     t0 = time.perf_counter()
     n = 0
@@ -112,8 +117,13 @@ def bare_throughput(settings, source: Path, model: str, n: int) -> float:  # typ
     card = load_card(ctx.store, model)
     files = sorted(source.glob("*/*"))[:n]
     pixels = np.stack([preprocess(decode_image(f.read_bytes()), card.preprocessing) for f in files])
-    loaded = load_model(fetch_model(ctx.store, card, ctx.cache_dir), settings.ort_providers,
-                        settings.threads, card.input_name, card.output_name)
+    loaded = load_model(
+        fetch_model(ctx.store, card, ctx.cache_dir),
+        settings.ort_providers,
+        settings.threads,
+        card.input_name,
+        card.output_name,
+    )
     loaded.run(pixels[: settings.batch_size])  # warm-up
     t0 = time.perf_counter()
     for start in range(0, len(pixels), settings.batch_size):
@@ -130,8 +140,15 @@ def efficiency(home: Path, models: list[str], n: int, batch_size: int, threads: 
         bare = bare_throughput(settings, src, model, n)
         count, seconds = encode_batch(settings, src, f"eff-{model}", model)
         e2e = count / seconds
-        rows.append({"model": model, "images": count, "bare_img_s": round(bare, 2),
-                     "e2e_img_s": round(e2e, 2), "efficiency": round(e2e / bare, 3)})
+        rows.append(
+            {
+                "model": model,
+                "images": count,
+                "bare_img_s": round(bare, 2),
+                "e2e_img_s": round(e2e, 2),
+                "efficiency": round(e2e / bare, 3),
+            }
+        )
     return rows
 
 
@@ -141,8 +158,17 @@ def memory_child(home: str, n: int, copies: int, model: str) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     count, seconds = encode_batch(settings, src, f"mem-{copies}x", model)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"copies": copies, "images": count, "peak_rss_mb": round(peak / 1024, 1),
-                      "rss_before_mb": round(before / 1024, 1), "seconds": round(seconds, 1)}))
+    print(
+        json.dumps(
+            {
+                "copies": copies,
+                "images": count,
+                "peak_rss_mb": round(peak / 1024, 1),
+                "rss_before_mb": round(before / 1024, 1),
+                "seconds": round(seconds, 1),
+            }
+        )
+    )
 
 
 def memory(home: Path, n: int, model: str) -> list[dict]:
@@ -151,9 +177,21 @@ def memory(home: Path, n: int, model: str) -> list[dict]:
     rows = []
     for copies in (1, 10):
         out = subprocess.run(
-            [sys.executable, __file__, "--memory-child", str(copies), "--images", str(n),
-             "--home", str(home), "--mem-model", model],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                str(copies),
+                "--images",
+                str(n),
+                "--home",
+                str(home),
+                "--mem-model",
+                model,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows[1]["ratio_vs_1x"] = round(rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)
@@ -182,7 +220,10 @@ def main() -> None:
     print("| model | images | bare img/s | end-to-end img/s | ratio |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['images']} | {r['bare_img_s']} | {r['e2e_img_s']} | {r['efficiency']} |")
+        print(
+            f"| {r['model']} | {r['images']} | {r['bare_img_s']} "
+            f"| {r['e2e_img_s']} | {r['efficiency']} |"
+        )
     mem = memory(home, 180 if args.quick else n, args.mem_model)
     print(f"\n## Encoder peak memory vs batch size ({args.mem_model})")
     print("| batch | images | peak RSS MB | seconds |")
@@ -190,7 +231,9 @@ def main() -> None:
     for r in mem:
         print(f"| {r['copies']}x | {r['images']} | {r['peak_rss_mb']} | {r['seconds']} |")
     print(f"peak RSS ratio 10x/1x: {mem[1]['ratio_vs_1x']}")
-    (home / "bench-encoder.json").write_text(json.dumps({"efficiency": rows, "memory": mem}, indent=2))
+    (home / "bench-encoder.json").write_text(
+        json.dumps({"efficiency": rows, "memory": mem}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -117,8 +117,14 @@ def test_run_reports_quarantines_and_is_idempotent(
     data = np.load(out_file)
     assert data["vectors"].shape == (n_valid, 1280)
     assert np.allclose(np.linalg.norm(data["vectors"], axis=1), 1.0, atol=1e-5)
-    assert set(data["labels"]) == {"checker", "rings", "scratches", "spots",
-                                   "stripes_coarse", "stripes_fine"}
+    assert set(data["labels"]) == {
+        "checker",
+        "rings",
+        "scratches",
+        "spots",
+        "stripes_coarse",
+        "stripes_fine",
+    }
     assert len(set(data["ids"])) == n_valid
 
     code, out = _kiban("report", "show", "b1")
@@ -130,13 +136,19 @@ def test_unknown_model_and_bad_setting_fail_cleanly(tmp_path: Path) -> None:
     exe = [sys.executable, "-m", "kiban.cli.main"]
     proc = subprocess.run(
         [*exe, "run", "--source", tmp_path.as_uri(), "--models", "nope"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "no model named 'nope'" in proc.stderr and "Traceback" not in proc.stderr
 
     proc = subprocess.run(
-        [*exe, "models", "list"], capture_output=True, text=True, timeout=120,
+        [*exe, "models", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**env, "KIBAN_BATCH_SIZE": "zero"},
     )
     assert proc.returncode == 2
@@ -145,8 +157,15 @@ def test_unknown_model_and_bad_setting_fail_cleanly(tmp_path: Path) -> None:
 
 def test_every_command_has_help() -> None:
     for args in (
-        [], ["run"], ["models"], ["models", "export"], ["models", "list"], ["report", "show"],
-        ["embeddings", "export"], ["demo"], ["settings"],
+        [],
+        ["run"],
+        ["models"],
+        ["models", "export"],
+        ["models", "list"],
+        ["report", "show"],
+        ["embeddings", "export"],
+        ["demo"],
+        ["settings"],
     ):
         result = runner.invoke(app, [*args, "--help"])
         assert result.exit_code == 0, (args, result.output)

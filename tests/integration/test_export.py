@@ -19,6 +19,7 @@ pytest.importorskip("open_clip", reason="needs the `export` extra (open_clip_tor
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime")
 
 import torch  # noqa: E402
+
 from kiban.export import ExportError, OnnxOptions, SpecError, export_model  # noqa: E402
 from kiban.imaging import preprocess  # noqa: E402
 from kiban.models.card import ModelCard  # noqa: E402

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kiban.context import Context
 from kiban.errors import InvalidMessageError
 from kiban.messages import IngestBatch

@@ -70,7 +70,12 @@ def test_neu_surface_defects(neu_dir: Path, publish_models, tmp_path: Path) -> N
     report = run_batch(settings, neu_dir.as_uri(), ["effnet-lite0"], batch_id="neu")
     info = read_batch_info(store, "neu")
     assert info.classes == [
-        "crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"
+        "crazing",
+        "inclusion",
+        "patches",
+        "pitted_surface",
+        "rolled-in_scale",
+        "scratches",
     ]
     assert info.n_accepted + info.n_duplicates + info.n_quarantined == info.n_listed == 1800
     (model,) = report["models"]

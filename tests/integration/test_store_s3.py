@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kiban.errors import StoreError
 from kiban.store import ObjectInfo, open_store
 

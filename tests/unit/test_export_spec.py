@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kiban.errors import KibanError
 from kiban.export import ExportError, OnnxOptions, SpecError, parse_spec
 from kiban.export.checkpoint import LoadReport

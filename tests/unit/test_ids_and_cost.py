@@ -29,20 +29,41 @@ def test_default_batch_id_depends_on_source_and_manifest_only() -> None:
 
 def _card(dim: int = 512) -> ModelCard:
     return ModelCard(
-        name="m", family="domain", source="x", architecture="x", weights="none",
-        pretrained=False, input_size=224,
+        name="m",
+        family="domain",
+        source="x",
+        architecture="x",
+        weights="none",
+        pretrained=False,
+        input_size=224,
         preprocessing=Preprocessing(resize_shorter=224, crop=224, mean=[0.5] * 3, std=[0.5] * 3),
-        embedding_dim=dim, params=10, file_size=100, sha256="0" * 64, opset=17,
+        embedding_dim=dim,
+        params=10,
+        file_size=100,
+        sha256="0" * 64,
+        opset=17,
         exported_at="2026-11-28T00:00:00Z",
     )
 
 
 def test_cost_per_thousand_images() -> None:
     timings = [
-        ShardTiming(n_images=300, wall_seconds=10.0, inference_seconds=8.0,
-                    provider="CPUExecutionProvider", threads=2, batch_size=32),
-        ShardTiming(n_images=100, wall_seconds=10.0, inference_seconds=2.0,
-                    provider="CPUExecutionProvider", threads=2, batch_size=32),
+        ShardTiming(
+            n_images=300,
+            wall_seconds=10.0,
+            inference_seconds=8.0,
+            provider="CPUExecutionProvider",
+            threads=2,
+            batch_size=32,
+        ),
+        ShardTiming(
+            n_images=100,
+            wall_seconds=10.0,
+            inference_seconds=2.0,
+            provider="CPUExecutionProvider",
+            threads=2,
+            batch_size=32,
+        ),
     ]
     cost = summarise_cost(timings, _card(512), price_per_hour=3.6, currency="EUR", device="cpu")
     assert cost.images == 400

@@ -10,8 +10,9 @@ import zlib
 
 import numpy as np
 import pytest
-from kiban.imaging import ImageRejected, decode_image
 from PIL import Image
+
+from kiban.imaging import ImageRejected, decode_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:

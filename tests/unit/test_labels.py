@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from kiban.errors import KibanError
 from kiban_ingest.labels import (
     LabelEntry,

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from kiban_reporter.metrics import evaluate, exact_knn
 
 # Five unit vectors; rows 0 and 1 coincide (similarity tie), several zero-similarity ties.

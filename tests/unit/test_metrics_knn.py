@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from kiban_reporter.metrics.knn import exact_knn, topk_block
 
 

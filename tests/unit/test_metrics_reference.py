@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference_metrics import ref_bootstrap, ref_evaluate
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
 from kiban_reporter.metrics import evaluate
 from kiban_reporter.metrics.bootstrap import (
     bootstrap_distributions,
     resampled_units,
     unit_sums,
 )
-from reference_metrics import ref_bootstrap, ref_evaluate
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 KS = (1, 3, 5, 8)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-import kiban_reporter.metrics.bootstrap as bootstrap_mod
 import numpy as np
 import pytest
+
+import kiban_reporter.metrics.bootstrap as bootstrap_mod
 from kiban_reporter.metrics import compare, evaluate, mcnemar_exact
 from kiban_reporter.metrics.results import RetrievalResult
 

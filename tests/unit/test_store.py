@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from kiban.errors import StoreError
 from kiban.store import FileStore, ObjectInfo, join_key, open_store, safe_key
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from kiban.imaging import ImageRejected, decode_image
 from kiban.synthetic import (
     FAMILIES,

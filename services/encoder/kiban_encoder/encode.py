@@ -6,12 +6,12 @@ import logging
 import time
 
 import numpy as np
+
 from kiban.context import Context
 from kiban.messages import EncodeChunk
 from kiban.models.registry import fetch_model, load_card
 from kiban.records import read_batch_info, read_records
 from kiban.telemetry import ENCODE_THROUGHPUT, IMAGES_ENCODED
-
 from kiban_encoder.reader import decoded_batches
 from kiban_encoder.session import load_model
 from kiban_encoder.shards import ShardMeta, read_meta, write_shard

@@ -7,7 +7,6 @@ from kiban.messages import IndexShard
 from kiban.records import read_batch_info, read_records
 from kiban.telemetry import POINTS_UPSERTED
 from kiban.vectors import VectorIndex
-
 from kiban_encoder.shards import read_shard
 
 

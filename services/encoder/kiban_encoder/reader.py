@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
 from kiban.imaging import ImageRejected, decode_image, preprocess
 from kiban.models.card import Preprocessing
 from kiban.records import ImageRecord

@@ -9,9 +9,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from pydantic import BaseModel
+
 from kiban.records import shard_key
 from kiban.store import ObjectStore
-from pydantic import BaseModel
 
 
 class ShardMeta(BaseModel):

@@ -10,7 +10,6 @@ from kiban.messages import TASK_NAMES, EncodeChunk, IndexShard
 from kiban.records import read_batch_info
 from kiban.tasks import run_task, vector_index
 from kiban.workflow import after_encode, after_index
-
 from kiban_encoder.encode import encode_chunk
 from kiban_encoder.index import index_shard
 

@@ -52,7 +52,6 @@ from kiban.records import (
     dump_jsonl,
 )
 from kiban.store import ObjectInfo, ObjectStore, safe_key
-
 from kiban_ingest.labels import LabelEntry, ManifestError, folder_label, parse_manifest
 from kiban_ingest.metrics import IMAGES_INGESTED, IMAGES_QUARANTINED, reason_category
 

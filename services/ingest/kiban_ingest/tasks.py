@@ -10,7 +10,6 @@ from kiban.messages import TASK_NAMES, IngestBatch
 from kiban.records import BatchInfo
 from kiban.tasks import run_task
 from kiban.workflow import after_ingest
-
 from kiban_ingest.ingest import ingest_batch
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kiban.models.card import ModelCard
 from pydantic import BaseModel, Field
+
+from kiban.models.card import ModelCard
 
 
 class ShardTiming(BaseModel):

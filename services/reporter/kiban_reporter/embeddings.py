@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+
 from kiban.records import BatchInfo, ImageRecord, shard_key
 from kiban.store import ObjectStore
-
 from kiban_reporter.cost import ShardTiming
 
 

@@ -17,7 +17,6 @@ from kiban.records import (
     read_records,
     report_prefix,
 )
-
 from kiban_reporter.cost import summarise_cost
 from kiban_reporter.embeddings import load_batch_embeddings
 from kiban_reporter.markdown import render_markdown

@@ -7,7 +7,6 @@ from typing import Any
 from kiban.celery_app import app
 from kiban.messages import TASK_NAMES, EvaluateBatch
 from kiban.tasks import run_task
-
 from kiban_reporter.evaluation import evaluate_batch
 
 
