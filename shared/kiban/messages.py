@@ -24,6 +24,38 @@ class Message(BaseModel):
     version: Literal[1] = 1
 
 
+class EvaluationProtocol(BaseModel):
+    """How a batch is evaluated; recorded in the report.
+
+    - ``auto``: leave-one-group-out when the batch has groups, else leave-one-out.
+    - ``leave-one-out`` / ``leave-one-group-out``: every labelled image queries all others
+      (minus its own group).
+    - ``split``: queries from ``query_split`` against an index of the other splits; splits
+      come from the manifest, or are assigned by hashing the group (never splitting one).
+    - ``cross-batch``: this batch's images query the accumulated index of earlier batches
+      (``history_batches``, default: every earlier batch evaluated with the same models).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["auto", "leave-one-out", "leave-one-group-out", "split", "cross-batch"] = "auto"
+    query_split: str = Field("test", min_length=1, description="split protocol: query split")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="split protocol without manifest splits: share of groups"
+    )
+    history_batches: list[Name] = Field(
+        default_factory=list, description="cross-batch: batches forming the index"
+    )
+    query_sample: int | None = Field(
+        None, ge=1, description="Evaluate a class-stratified, seeded sample of this many queries"
+    )
+    bootstrap: int = Field(1000, ge=0, le=100_000, description="Bootstrap resamples for CIs")
+    seed: int = Field(0, ge=0, description="Seeds sampling and bootstrap: same seed, same numbers")
+    ann_check_queries: int = Field(
+        200, ge=0, le=100_000, description="Queries compared between Qdrant and exact top-k"
+    )
+
+
 class RunPlan(BaseModel):
     """What follows a stage: which models encode the batch, and whether to evaluate it.
 
@@ -36,6 +68,7 @@ class RunPlan(BaseModel):
     models: list[Name] = Field(default_factory=list)
     evaluate: bool = True
     k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 3, 5])
+    protocol: EvaluationProtocol = Field(default_factory=EvaluationProtocol)
 
 
 class IngestBatch(Message):
@@ -76,6 +109,7 @@ class EvaluateBatch(Message):
     batch_id: Name
     models: list[Name] = Field(min_length=1)
     k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 3, 5])
+    protocol: EvaluationProtocol = Field(default_factory=EvaluationProtocol)
     request_id: str | None = Field(
         None, max_length=64, description="Set by the workflow; recorded in the report."
     )

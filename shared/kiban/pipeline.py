@@ -13,12 +13,13 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from kiban.celery_app import configure, load_service_tasks
 from kiban.errors import KibanError
-from kiban.messages import IngestBatch, RunPlan
+from kiban.messages import EvaluateBatch, EvaluationProtocol, IngestBatch, RunPlan
 from kiban.models.registry import load_card
 from kiban.records import report_prefix, report_versions
 from kiban.settings import Settings, use_settings
@@ -55,6 +56,7 @@ def run_batch(
     progress: ProgressFn | None = None,
     timeout: float = 24 * 3600,
     poll_seconds: float = 0.5,
+    protocol: EvaluationProtocol | None = None,
 ) -> dict[str, Any]:
     """Ingest, encode with every model, index and evaluate one batch; returns the report."""
     use_settings(settings)
@@ -65,7 +67,9 @@ def run_batch(
     for model in models:  # fail before any work if a model is unknown
         load_card(store, model)
     batch_id = batch_id or default_batch_id(source, manifest)
-    plan = RunPlan(models=models, evaluate=True, k=ks or [1, 3, 5])
+    plan = RunPlan(
+        models=models, evaluate=True, k=ks or [1, 3, 5], protocol=protocol or EvaluationProtocol()
+    )
     trigger = IngestBatch(
         batch_id=batch_id,
         source=source,
@@ -107,3 +111,42 @@ def run_batch(
         if time.monotonic() > deadline:
             raise KibanError(f"batch {batch_id}: no report after {timeout:.0f}s")
         time.sleep(poll_seconds)
+
+
+def evaluate_stored(
+    settings: Settings,
+    batch_id: str,
+    models: list[str],
+    ks: list[int],
+    protocol: EvaluationProtocol,
+    timeout: float = 24 * 3600,
+    poll_seconds: float = 0.5,
+) -> dict[str, Any]:
+    """Re-evaluate a batch from its stored embeddings (no re-encoding): a new report version."""
+    use_settings(settings)
+    configure(settings)
+    store = open_store(
+        settings.resolved_store_uri, settings.s3_endpoint_url, settings.s3_region, create=True
+    )
+    status = batch_status(store, batch_id, models)
+    if not status.ingested:
+        raise KibanError(f"no batch {batch_id!r} in {store.uri}")
+    for progress in status.models:
+        if progress.encoded < progress.chunks:
+            raise KibanError(
+                f"batch {batch_id!r} has {progress.encoded}/{progress.chunks} chunks encoded "
+                f"with {progress.model!r}; run it first (kiban run)"
+            )
+    request_id = uuid.uuid4().hex[:16]
+    message = EvaluateBatch(
+        batch_id=batch_id, models=models, k=ks, protocol=protocol, request_id=request_id
+    )
+    if settings.mode == "embedded":
+        load_service_tasks()
+    dispatch(message, settings)
+    deadline = time.monotonic() + timeout
+    while (report := find_report(store, batch_id, request_id)) is None:
+        if settings.mode == "embedded" or time.monotonic() > deadline:
+            raise KibanError(f"evaluation of {batch_id} wrote no report")
+        time.sleep(poll_seconds)
+    return report

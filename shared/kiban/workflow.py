@@ -108,7 +108,10 @@ def claim_once(settings: Settings, store: ObjectStore, key: str) -> bool:
 
 def evaluation_request_id(batch_id: str, plan: RunPlan) -> str:
     """The same run plan on the same batch is the same evaluation request (sent once)."""
-    text = f"{batch_id}|{','.join(plan.models)}|{','.join(map(str, plan.k))}"
+    text = (
+        f"{batch_id}|{','.join(plan.models)}|{','.join(map(str, plan.k))}|"
+        f"{plan.protocol.model_dump_json()}"
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -131,6 +134,12 @@ def request_evaluation(
     request = evaluation_request_id(batch_id, plan)
     if claim_once(settings, store, f"evaluate-{batch_id}-{request}"):
         dispatch(
-            EvaluateBatch(batch_id=batch_id, models=plan.models, k=plan.k, request_id=request),
+            EvaluateBatch(
+                batch_id=batch_id,
+                models=plan.models,
+                k=plan.k,
+                protocol=plan.protocol,
+                request_id=request,
+            ),
             settings,
         )

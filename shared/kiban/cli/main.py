@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import typer
+from pydantic import ValidationError
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,6 +22,7 @@ from kiban.cli import models as models_cli
 from kiban.cli.common import console, fails_cleanly, settings_and_store
 from kiban.cli.report_view import print_summary
 from kiban.errors import KibanError, StoreError
+from kiban.messages import EvaluationProtocol
 from kiban.records import (
     latest_report_version,
     read_batch_info,
@@ -79,6 +81,9 @@ def run_with_progress(**kwargs: object) -> dict:
         return run_batch(progress=tick, **kwargs)  # type: ignore[arg-type]
 
 
+PROTOCOL_HELP = "auto | leave-one-out | leave-one-group-out | split | cross-batch"
+
+
 @app.command()
 @fails_cleanly
 def run(
@@ -89,18 +94,78 @@ def run(
     ),
     batch: str | None = typer.Option(None, help="Batch ID (default: derived from the source)."),
     k: str = typer.Option("1,3,5", help="k values for MV@k / acc@k."),
+    protocol: str = typer.Option("auto", help=PROTOCOL_HELP),
+    query_sample: int | None = typer.Option(None, help="Evaluate a stratified query sample."),
 ) -> None:
     """Ingest a source, encode it with each model, index, evaluate, print the report."""
     settings, store = settings_and_store()
-    ks = [int(v) for v in k.split(",")]
     report = run_with_progress(
         settings=settings,
         source=source,
         models=_split_models(models),
         manifest=manifest,
         batch_id=batch,
-        ks=ks,
+        ks=_parse_ks(k),
+        protocol=_protocol(protocol, query_sample=query_sample),
     )
+    _print_report(store, report["batch_id"], report["version"])
+
+
+def _parse_ks(k: str) -> list[int]:
+    try:
+        ks = sorted({int(v) for v in k.split(",") if v.strip()})
+    except ValueError:
+        raise KibanError(f"--k must be comma-separated integers, got {k!r}") from None
+    if not ks or ks[0] < 1:
+        raise KibanError(f"--k values must be >= 1, got {k!r}")
+    return ks
+
+
+def _protocol(name: str, **fields: object) -> EvaluationProtocol:
+    try:
+        return EvaluationProtocol(name=name, **{k: v for k, v in fields.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise KibanError(f"invalid protocol options: {exc.errors()[0]['msg']}") from None
+
+
+@app.command()
+@fails_cleanly
+def evaluate(
+    batch: str = typer.Option(..., help="Batch ID (already run)."),
+    models: str | None = typer.Option(None, help="Models (default: all encoded for the batch)."),
+    k: str = typer.Option("1,3,5", help="k values."),
+    protocol: str = typer.Option("auto", help=PROTOCOL_HELP),
+    query_split: str | None = typer.Option(None, help="split: the query split (default test)."),
+    history: str | None = typer.Option(
+        None, help="cross-batch: comma-separated earlier batches (default: all earlier)."
+    ),
+    query_sample: int | None = typer.Option(None, help="Stratified, seeded query sample size."),
+    bootstrap: int | None = typer.Option(None, help="Bootstrap resamples (default 1000)."),
+    seed: int | None = typer.Option(None, help="Seed for sampling and bootstrap (default 0)."),
+    ann_check: int | None = typer.Option(
+        None, help="Queries for the Qdrant-vs-exact check (default 200, 0 = off)."
+    ),
+) -> None:
+    """Re-evaluate a batch from stored embeddings; writes a new report version, keeps old ones."""
+    from kiban.pipeline import evaluate_stored
+    from kiban.status import batch_status
+
+    settings, store = settings_and_store()
+    names = (
+        _split_models(models) if models else [m.model for m in batch_status(store, batch).models]
+    )
+    if not names:
+        raise KibanError(f"batch {batch!r} has no stored embeddings")
+    proto = _protocol(
+        protocol,
+        query_split=query_split,
+        query_sample=query_sample,
+        bootstrap=bootstrap,
+        seed=seed,
+        ann_check_queries=ann_check,
+        history_batches=[h.strip() for h in history.split(",")] if history else None,
+    )
+    report = evaluate_stored(settings, batch, names, _parse_ks(k), proto)
     _print_report(store, report["batch_id"], report["version"])
 
 
