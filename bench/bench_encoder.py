@@ -153,10 +153,13 @@ def efficiency(home: Path, models: list[str], n: int, batch_size: int, threads: 
 
 
 def memory_child(home: str, n: int, copies: int, model: str) -> None:
-    settings = make_settings(Path(home), batch_size=32, chunk_size=256)
-    src = image_folder(Path(home) / f"mem-{copies}x", n, copies)
+    # its own Qdrant path: local mode allows one process per path
+    settings = make_settings(
+        Path(home), batch_size=32, chunk_size=256, qdrant_path=Path(home) / f"qdrant-mem-{copies}"
+    )
+    src = image_folder(Path(home) / f"mem-{n}-{copies}x", n, copies)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    count, seconds = encode_batch(settings, src, f"mem-{copies}x", model)
+    count, seconds = encode_batch(settings, src, f"mem-{n}-{copies}x", model)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         json.dumps(
