@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 KIBAN := $(VENV)/bin/kiban
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-slow lint format bench docs clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,8 @@ test-slow: install
 	$(PY) -m pytest -m slow --timeout=1800 $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check shared services tests bench
-	$(VENV)/bin/ruff format --check shared services tests bench
+	$(VENV)/bin/ruff check shared services tests bench tools
+	$(VENV)/bin/ruff format --check shared services tests bench tools
 	$(VENV)/bin/mypy
 
 format: install
@@ -39,6 +39,9 @@ format: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+docs: install
+	$(PY) tools/regen_readme.py
 
 clean:
 	rm -rf .kiban .pytest_cache .mypy_cache .ruff_cache

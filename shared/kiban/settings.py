@@ -86,6 +86,36 @@ class Settings(BaseSettings):
         description="embedded runs the Celery tasks in-process; distributed sends them to workers.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    task_retries: int = Field(
+        5, ge=0, le=50, description="Retries of a task after a transient S3/Qdrant/Redis error."
+    )
+    retry_backoff_seconds: float = Field(
+        1.0, gt=0, le=600, description="First retry delay; doubles each retry (max 60 s)."
+    )
+    visibility_timeout: int = Field(
+        6 * 3600,
+        ge=5,
+        description="Seconds before Redis re-delivers an unacknowledged task (e.g. of a killed "
+        "worker); must exceed the longest task.",
+    )
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="Port of a worker's Prometheus /metrics (0 = off)."
+    )
+    schedule_cron: str = Field(
+        "0 2 * * *", description="Nightly schedule (cron: minute hour day month weekday)."
+    )
+    schedule_source: str | None = Field(
+        None,
+        description="Source URI of the nightly batch; {date} is replaced by the night's date "
+        "(YYYY-MM-DD), e.g. s3://images/incoming/{date}/. Unset disables the schedule.",
+    )
+    schedule_manifest: str | None = Field(
+        None, description="Manifest URI of the nightly batch ({date} replaced), optional."
+    )
+    schedule_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models the nightly batch is encoded with (comma-separated).",
+    )
     encode_pools: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="Route models to encoder pools: 'vit-b-32=gpu,effnet=cpu' sends that "
@@ -109,11 +139,18 @@ class Settings(BaseSettings):
         pool = self.encode_pools.get(model)
         return f"encode.{pool}" if pool else "encode"
 
-    @field_validator("ort_providers", mode="before")
+    @field_validator("ort_providers", "schedule_models", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError("expected 5 cron fields: minute hour day-of-month month day-of-week")
         return value
 
     @field_validator("store_uri")
@@ -168,3 +205,15 @@ def use_settings(settings: Settings | None) -> None:
     """Make ``settings`` the process-wide settings (the CLI and tests; None re-reads env)."""
     global _active
     _active = settings
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting (README's settings section is generated from it)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        if isinstance(default, list):
+            default = ",".join(default)
+        shown = f"`{default}`" if default not in (None, "", {}) else "–"
+        rows.append(f"| `{Settings.env_name(name)}` | {shown} | {field.description} |")
+    return "\n".join(rows)

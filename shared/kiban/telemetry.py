@@ -62,3 +62,6 @@ ENCODE_THROUGHPUT = Gauge(
     "kiban_encode_images_per_second", "Throughput of the last encoded chunk", ["model"]
 )
 POINTS_UPSERTED = Counter("kiban_points_upserted_total", "Vectors written to Qdrant", ["model"])
+TASK_RETRIES = Counter("kiban_task_retries_total", "Retries after transient errors", ["task"])
+DEAD_LETTERS = Counter("kiban_dead_letters_total", "Messages dead-lettered", ["task"])
+QUEUE_LENGTH = Gauge("kiban_queue_length", "Messages waiting in a broker queue", ["queue"])

@@ -113,3 +113,75 @@ class VectorIndex:
             collection_name(model), query=vector.tolist(), limit=limit, with_payload=["sha256"]
         )
         return [(str((p.payload or {}).get("sha256")), float(p.score)) for p in res.points]
+
+    # --- read side used by the reporter's ANN check -------------------------------------
+
+    @property
+    def is_local(self) -> bool:
+        """Qdrant local mode (a directory): exact brute-force search, no HNSW."""
+        return not self.settings.qdrant_url
+
+    def collection_settings(self, model: str) -> dict[str, Any] | None:
+        """The model collection's size and index settings, or None when it does not exist."""
+        name = collection_name(model)
+        if not self.client.collection_exists(name):
+            return None
+        info = self.client.get_collection(name)
+        params = info.config.params.vectors
+        distance = getattr(params, "distance", None)
+        hnsw = info.config.hnsw_config
+        out: dict[str, Any] = {
+            "collection": name,
+            "mode": "local" if self.is_local else "server",
+            "points_count": info.points_count,
+            "indexed_vectors_count": info.indexed_vectors_count,
+            "distance": getattr(distance, "value", None if distance is None else str(distance)),
+            "dim": getattr(params, "size", None),
+        }
+        if self.is_local:
+            out["index"] = "local mode: exact brute force (HNSW settings unused)"
+            out["hnsw_m"] = out["hnsw_ef_construct"] = out["full_scan_threshold"] = None
+            out["quantization"] = None
+        else:
+            out["index"] = "hnsw"
+            out["hnsw_m"] = hnsw.m
+            out["hnsw_ef_construct"] = hnsw.ef_construct
+            out["full_scan_threshold"] = hnsw.full_scan_threshold
+            quant = info.config.quantization_config
+            out["quantization"] = None if quant is None else type(quant).__name__
+        return out
+
+    def payload_batches(
+        self, model: str, sha256s: Sequence[str], chunk: int = 1000
+    ) -> dict[str, str | None]:
+        """sha256 → the ``batch`` payload of its point, for the images that are indexed."""
+        name = collection_name(model)
+        out: dict[str, str | None] = {}
+        for start in range(0, len(sha256s), chunk):
+            part = list(sha256s[start : start + chunk])
+            ids = [point_id(sha, model) for sha in part]
+            by_id = dict(zip(ids, part, strict=True))
+            for rec in self.client.retrieve(name, ids=ids, with_payload=["batch"]):
+                batch = (rec.payload or {}).get("batch")
+                out[by_id[str(rec.id)]] = None if batch is None else str(batch)
+        return out
+
+    def search_filtered(
+        self, model: str, vector: np.ndarray, limit: int, batches: Sequence[str] | None = None
+    ) -> list[tuple[str, float]]:
+        """Top ``limit`` (sha256, score) pairs, optionally only among points of ``batches``."""
+        from qdrant_client import models
+
+        flt = None
+        if batches is not None:
+            flt = models.Filter(
+                must=[models.FieldCondition(key="batch", match=models.MatchAny(any=list(batches)))]
+            )
+        res = self.client.query_points(
+            collection_name(model),
+            query=vector.tolist(),
+            limit=limit,
+            query_filter=flt,
+            with_payload=["sha256"],
+        )
+        return [(str((p.payload or {}).get("sha256")), float(p.score)) for p in res.points]

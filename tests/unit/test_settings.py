@@ -7,7 +7,7 @@ import re
 import pytest
 
 from kiban.errors import ConfigurationError
-from kiban.settings import Settings, load_settings
+from kiban.settings import Settings, load_settings, settings_table
 from tests.conftest import REPO_ROOT
 
 
@@ -60,3 +60,4 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     documented = set(re.findall(r"`(KIBAN_[A-Z0-9_]+)`", readme))
     expected = {Settings.env_name(name) for name in Settings.model_fields}
     assert expected <= documented, f"undocumented: {sorted(expected - documented)}"
+    assert settings_table() in readme, "README settings table is stale: run `make docs`"

@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from kiban.celery_app import app
 from kiban.context import Context
-from kiban.messages import TASK_NAMES, EncodeChunk, IndexShard
+from kiban.messages import EncodeChunk, IndexShard
 from kiban.records import read_batch_info
-from kiban.tasks import run_task, vector_index
+from kiban.tasks import kiban_task, vector_index
 from kiban.workflow import after_encode, after_index
 from kiban_encoder.encode import encode_chunk
 from kiban_encoder.index import index_shard
+from kiban_encoder.shards import ShardMeta
 
 
-def _encode(msg: EncodeChunk, ctx: Context) -> dict[str, Any]:
+@kiban_task("encode_chunk", EncodeChunk)
+def encode_chunk_task(msg: EncodeChunk, ctx: Context) -> ShardMeta:
+    """Encode one chunk into a shard (skipped if done), then ask for it to be indexed."""
     meta = encode_chunk(msg, ctx)
     after_encode(msg, ctx.settings)
-    return meta.model_dump(mode="json")
+    return meta
 
 
-def _index(msg: IndexShard, ctx: Context) -> int:
+@kiban_task("index_shard", IndexShard)
+def index_shard_task(msg: IndexShard, ctx: Context) -> int:
+    """Upsert a stored shard into Qdrant; the batch's last shard triggers its evaluation."""
     n = index_shard(msg, ctx, vector_index(ctx.settings))
     after_index(msg, read_batch_info(ctx.store, msg.batch_id), ctx.store, ctx.settings)
     return n
-
-
-@app.task(name=TASK_NAMES["encode_chunk"], acks_late=True)
-def encode_chunk_task(message: dict[str, Any]) -> dict[str, Any]:
-    return run_task(TASK_NAMES["encode_chunk"], message, EncodeChunk, _encode)  # type: ignore[no-any-return]
-
-
-@app.task(name=TASK_NAMES["index_shard"], acks_late=True)
-def index_shard_task(message: dict[str, Any]) -> int:
-    return int(run_task(TASK_NAMES["index_shard"], message, IndexShard, _index))

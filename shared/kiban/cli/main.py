@@ -237,8 +237,15 @@ def embeddings_export(
 
 @app.command()
 @fails_cleanly
-def settings() -> None:
-    """Print the effective settings (secrets masked)."""
+def settings(
+    markdown: bool = typer.Option(False, "--markdown", help="Print the documentation table."),
+) -> None:
+    """Print the effective settings (secrets masked), or the table of all settings."""
+    if markdown:
+        from kiban.settings import settings_table
+
+        console.print(settings_table(), markup=False, highlight=False, soft_wrap=True)
+        return
     s, _ = settings_and_store()
     data = json.loads(s.model_dump_json())
     data["resolved_store_uri"] = s.resolved_store_uri
