@@ -19,23 +19,46 @@ SERVICE_TASK_MODULES = ("kiban_ingest.tasks", "kiban_encoder.tasks", "kiban_repo
 
 app = Celery("kiban")
 
+# Default queue of each task; encode tasks may be routed to a pool (settings.encode_pools).
+TASK_QUEUES: dict[str, str] = {
+    "kiban.ingest.batch": "ingest",
+    "kiban.ingest.nightly": "ingest",
+    "kiban.encoder.encode_chunk": "encode",
+    "kiban.encoder.index_shard": "index",
+    "kiban.encoder.reindex_model": "index",
+    "kiban.reporter.evaluate_batch": "report",
+    "kiban.reporter.export_report": "report",
+}
+
 
 def configure(settings: Settings | None = None) -> Celery:
     """Apply settings to the app: JSON only, late acks, prefetch 1, eager when embedded."""
     settings = settings or get_settings()
     app.conf.update(
         broker_url=settings.broker_url,
-        result_backend=settings.broker_url,
+        # Results are not used: progress and outcomes live in the stores.
+        result_backend=None,
+        task_ignore_result=True,
+        # JSON only, in and out: a pickled message is refused, never unpickled.
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
+        event_serializer="json",
+        # Acknowledge after the work, one message at a time, and re-deliver the task of a
+        # worker that died; Redis re-delivers unacknowledged messages after the visibility
+        # timeout, which must exceed the longest task.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": 6 * 3600},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+        task_default_queue="ingest",
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
         task_always_eager=settings.mode == "embedded",
         task_eager_propagates=True,
-        broker_connection_retry_on_startup=True,
     )
     return app
 

@@ -115,11 +115,40 @@ class EvaluateBatch(Message):
     )
 
 
+class NightlyRun(Message):
+    """Sent by the schedule: ingest and evaluate the night's prefix (KIBAN_SCHEDULE_*)."""
+
+    kind: Literal["nightly_run"] = "nightly_run"
+    date: str | None = Field(
+        None, pattern=r"^\d{4}-\d{2}-\d{2}$", description="YYYY-MM-DD; default: today (UTC)"
+    )
+
+
+class ReindexModel(Message):
+    """Re-upsert a model's stored shards into Qdrant (no re-encoding)."""
+
+    kind: Literal["reindex_model"] = "reindex_model"
+    model: Name
+    batches: list[Name] = Field(default_factory=list, description="Default: every batch.")
+
+
+class ExportReport(Message):
+    """Copy a batch's report (JSON + Markdown) to another object-store prefix."""
+
+    kind: Literal["export_report"] = "export_report"
+    batch_id: Name
+    version: str | None = Field(None, pattern=r"^\d{4}$", description="Default: the latest.")
+    destination: str = Field(min_length=1, description="file:///dir or s3://bucket/prefix")
+
+
 TASK_NAMES: dict[str, str] = {
     "ingest_batch": "kiban.ingest.batch",
     "encode_chunk": "kiban.encoder.encode_chunk",
     "index_shard": "kiban.encoder.index_shard",
     "evaluate_batch": "kiban.reporter.evaluate_batch",
+    "nightly_run": "kiban.ingest.nightly",
+    "reindex_model": "kiban.encoder.reindex_model",
+    "export_report": "kiban.reporter.export_report",
 }
 
 _MODELS: dict[str, type[Message]] = {
@@ -127,7 +156,15 @@ _MODELS: dict[str, type[Message]] = {
     "encode_chunk": EncodeChunk,
     "index_shard": IndexShard,
     "evaluate_batch": EvaluateBatch,
+    "nightly_run": NightlyRun,
+    "reindex_model": ReindexModel,
+    "export_report": ExportReport,
 }
+
+
+def message_types() -> dict[str, type[Message]]:
+    """Every message kind and its schema (the README documents each with an example)."""
+    return dict(_MODELS)
 
 
 def parse_message(payload: Any, expected: type[Message]) -> Message:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from kiban.celery_app import app
+from kiban.celery_app import TASK_QUEUES, app
 from kiban.errors import KibanError
 from kiban.messages import (
     TASK_NAMES,
@@ -28,19 +28,12 @@ from kiban.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-QUEUES = {
-    "ingest_batch": "ingest",
-    "encode_chunk": "encode",
-    "index_shard": "index",
-    "evaluate_batch": "report",
-}
-
 
 def queue_for(message: Message, settings: Settings) -> str:
     kind = message.kind  # type: ignore[attr-defined]
     if kind == "encode_chunk":
         return settings.encode_queue_for(message.model)  # type: ignore[attr-defined]
-    return QUEUES[kind]
+    return TASK_QUEUES[TASK_NAMES[kind]]
 
 
 def dispatch(message: Message, settings: Settings) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from kiban.context import Context
-from kiban.messages import EncodeChunk, IndexShard
+from kiban.messages import EncodeChunk, IndexShard, ReindexModel
 from kiban.records import read_batch_info
 from kiban.tasks import kiban_task, vector_index
 from kiban.workflow import after_encode, after_index
 from kiban_encoder.encode import encode_chunk
 from kiban_encoder.index import index_shard
+from kiban_encoder.reindex import reindex_model
 from kiban_encoder.shards import ShardMeta
 
 
@@ -26,3 +27,9 @@ def index_shard_task(msg: IndexShard, ctx: Context) -> int:
     n = index_shard(msg, ctx, vector_index(ctx.settings))
     after_index(msg, read_batch_info(ctx.store, msg.batch_id), ctx.store, ctx.settings)
     return n
+
+
+@kiban_task("reindex_model", ReindexModel)
+def reindex_model_task(msg: ReindexModel, ctx: Context) -> int:
+    """Queue an index task for every stored shard of a model."""
+    return reindex_model(msg, ctx)

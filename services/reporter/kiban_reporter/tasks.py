@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from kiban.context import Context
-from kiban.messages import EvaluateBatch
+from kiban.messages import EvaluateBatch, ExportReport
 from kiban.tasks import kiban_task
 from kiban_reporter.evaluation import evaluate_batch
+from kiban_reporter.export import export_report
 
 
 @kiban_task("evaluate_batch", EvaluateBatch)
@@ -15,3 +16,9 @@ def evaluate_batch_task(msg: EvaluateBatch, ctx: Context) -> dict[str, Any]:
     """Evaluate a batch from its stored embeddings; writes a new report version."""
     report = evaluate_batch(msg, ctx)
     return {"batch_id": report.batch_id, "version": report.version}
+
+
+@kiban_task("export_report", ExportReport)
+def export_report_task(msg: ExportReport, ctx: Context) -> list[str]:
+    """Copy a stored report to another prefix (another team's bucket)."""
+    return export_report(msg, ctx)

@@ -1,0 +1,26 @@
+"""Hand a report to another team's bucket or folder: a copy, never a move."""
+
+from __future__ import annotations
+
+from kiban.context import Context
+from kiban.errors import KibanError
+from kiban.messages import ExportReport
+from kiban.records import latest_report_version, report_prefix
+from kiban.store import open_store
+
+
+def export_report(msg: ExportReport, ctx: Context) -> list[str]:
+    """Copy report.json and report.md to ``destination/<batch>/<version>/``."""
+    version = msg.version or latest_report_version(ctx.store, msg.batch_id)
+    if version is None:
+        raise KibanError(f"batch {msg.batch_id!r} has no report to export")
+    target = open_store(
+        msg.destination, ctx.settings.s3_endpoint_url, ctx.settings.s3_region, create=True
+    )
+    written = []
+    for name in ("report.json", "report.md"):
+        data = ctx.store.get(f"{report_prefix(msg.batch_id)}/{version}/{name}")
+        key = f"{msg.batch_id}/{version}/{name}"
+        target.put(key, data)
+        written.append(f"{target.uri}/{key}")
+    return written
