@@ -97,3 +97,39 @@ def batch_status(store: ObjectStore, batch_id: str, models: list[str] | None = N
         report_versions=versions,
         dead_letters=dead_letter_count(store, batch_id),
     )
+
+
+def list_batches(store: ObjectStore) -> list[dict[str, object]]:
+    """One row per ingested batch, oldest first."""
+    rows = []
+    for info in store.list("batches"):
+        parts = info.key.split("/")
+        if len(parts) == 3 and parts[2] == "batch.json":
+            batch = read_batch_info(store, parts[1])
+            rows.append(
+                {
+                    "batch": batch.batch_id,
+                    "created": batch.created_at,
+                    "accepted": batch.n_accepted,
+                    "quarantined": batch.n_quarantined,
+                    "duplicates": batch.n_duplicates,
+                    "reports": len(report_versions(store, batch.batch_id)),
+                }
+            )
+    return sorted(rows, key=lambda r: str(r["created"]))
+
+
+def recent_dead_letters(
+    store: ObjectStore, limit: int, batch_id: str | None = None
+) -> list[dict[str, object]]:
+    """The newest dead letters (task, reason), optionally only those naming ``batch_id``."""
+    keys = sorted((i.key for i in store.list("deadletter")), key=lambda k: k.rsplit("/", 1)[-1])
+    letters = []
+    for key in reversed(keys):
+        text = store.get(key).decode(errors="replace")
+        if batch_id is not None and batch_id not in text:
+            continue
+        letters.append(json.loads(text))
+        if len(letters) >= limit:
+            break
+    return letters

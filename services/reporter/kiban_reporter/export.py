@@ -11,7 +11,7 @@ from kiban.store import open_store
 
 def export_report(msg: ExportReport, ctx: Context) -> list[str]:
     """Copy report.json and report.md to ``destination/<batch>/<version>/``."""
-    version = msg.version or latest_report_version(ctx.store, msg.batch_id)
+    version = msg.report_version or latest_report_version(ctx.store, msg.batch_id)
     if version is None:
         raise KibanError(f"batch {msg.batch_id!r} has no report to export")
     target = open_store(

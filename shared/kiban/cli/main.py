@@ -19,6 +19,7 @@ from rich.progress import (
 )
 
 from kiban.cli import models as models_cli
+from kiban.cli import ops
 from kiban.cli.common import console, fails_cleanly, settings_and_store
 from kiban.cli.report_view import print_summary
 from kiban.errors import KibanError, StoreError
@@ -42,6 +43,7 @@ app.add_typer(models_cli.app, name="models")
 report_app = typer.Typer(help="Show evaluation reports.", no_args_is_help=True)
 embeddings_app = typer.Typer(help="Export stored embeddings.", no_args_is_help=True)
 app.add_typer(report_app, name="report")
+ops.register(app)
 app.add_typer(embeddings_app, name="embeddings")
 
 

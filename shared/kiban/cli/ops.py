@@ -1,0 +1,284 @@
+"""Operations commands: workers, the local stack, triggers and status."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from kiban.cli.common import console, fails_cleanly, settings_and_store
+from kiban.errors import KibanError
+from kiban.messages import (
+    EvaluateBatch,
+    EvaluationProtocol,
+    ExportReport,
+    IngestBatch,
+    Message,
+    NightlyRun,
+    ReindexModel,
+    RunPlan,
+)
+
+trigger_app = typer.Typer(
+    help="Send a message to the queues (what any Celery producer can send).",
+    no_args_is_help=True,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(worker)
+    app.command()(up)
+    app.command()(down)
+    app.command()(status)
+    app.add_typer(trigger_app, name="trigger")
+
+
+@fails_cleanly
+def worker(
+    service: str = typer.Argument(..., help="ingest | encoder | indexer | reporter | beat"),
+    queues: str | None = typer.Option(
+        None, help="Override the queues, e.g. encode.gpu for a GPU pool."
+    ),
+    concurrency: int = typer.Option(1, min=1, help="Tasks at once (threads) in this process."),
+    metrics_port: int | None = typer.Option(None, help="Prometheus port (default setting)."),
+) -> None:
+    """Start one service's Celery worker (needs KIBAN_MODE=distributed)."""
+    from kiban.worker import start_worker
+
+    settings, _ = settings_and_store()
+    start_worker(
+        service, settings, queues.split(",") if queues else None, concurrency, metrics_port
+    )
+
+
+def _state_file(home: Path) -> Path:
+    return home / "stack" / "stack.json"
+
+
+@fails_cleanly
+def up(
+    encoders: int = typer.Option(1, min=1, help="Encoder worker processes."),
+    beat: bool = typer.Option(False, help="Also start beat (needs KIBAN_SCHEDULE_*)."),
+    detach: bool = typer.Option(False, help="Return after start; stop with `kiban down`."),
+) -> None:
+    """Start redis-server, SeaweedFS and every worker as separate local processes."""
+    from kiban.stack import LocalStack
+
+    settings, _ = settings_and_store()
+    home = settings.home.resolve() / "stack"
+    if _state_file(settings.home.resolve()).exists():
+        raise KibanError(f"a stack is already recorded in {home}; run `kiban down` first")
+    stack = LocalStack(home)
+    try:
+        stack.start_servers()
+        stack.start_worker("ingest")
+        for i in range(encoders):
+            stack.start_worker("encoder", f"encoder-{i}")
+        stack.start_worker("indexer")
+        if settings.qdrant_url:
+            stack.start_worker("reporter")
+        if beat:
+            stack.start_worker("beat")
+    except BaseException:
+        stack.stop()
+        raise
+    stack.save_state(_state_file(settings.home.resolve()))
+    console.print(f"[green]kiban stack up[/] in {home} (logs in {home / 'logs'}); use it with:")
+    for key, value in stack.env.items():
+        shown = "***" if "SECRET" in key else value
+        console.print(f"export {key}={shown}", markup=False, highlight=False)
+    if detach:
+        return
+    console.print("Ctrl-C stops everything.")
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping:
+            time.sleep(1)
+            dead = [n for n, p in stack.procs.items() if not p.alive()]
+            if dead:
+                console.print(f"[red]stopped unexpectedly:[/] {', '.join(dead)}")
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+        _state_file(settings.home.resolve()).unlink(missing_ok=True)
+        console.print("kiban stack stopped")
+
+
+@fails_cleanly
+def down() -> None:
+    """Stop the stack a detached `kiban up` started."""
+    from kiban.stack import stop_from_state
+
+    settings, _ = settings_and_store()
+    stopped = stop_from_state(_state_file(settings.home.resolve()))
+    console.print(f"stopped: {', '.join(stopped)}")
+
+
+@fails_cleanly
+def status(
+    batch: str | None = typer.Argument(None, help="Batch ID (default: list batches)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Progress of a batch per stage and model, failures, quarantine and dead letters."""
+    from kiban.status import batch_status, dead_letter_count, list_batches, recent_dead_letters
+
+    _, store = settings_and_store()
+    if batch is None:
+        rows = list_batches(store)
+        if as_json:
+            console.print_json(json.dumps(rows))
+            return
+        table = Table(title=f"batches in {store.uri}")
+        for col in ("batch", "created", "accepted", "quarantined", "duplicates", "reports"):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(
+                *(
+                    str(row[c])
+                    for c in (
+                        "batch",
+                        "created",
+                        "accepted",
+                        "quarantined",
+                        "duplicates",
+                        "reports",
+                    )
+                )
+            )
+        console.print(table)
+        console.print(f"dead letters: {dead_letter_count(store)}")
+        for letter in recent_dead_letters(store, 5):
+            console.print(f"  [red]{letter['task']}[/]: {letter['reason']}", highlight=False)
+        return
+    state = batch_status(store, batch)
+    if as_json:
+        console.print_json(state.model_dump_json())
+        return
+    if not state.ingested:
+        raise KibanError(f"batch {batch!r} is not ingested (yet) in {store.uri}")
+    console.print(
+        f"[bold]{batch}[/]: {state.n_accepted} accepted, {state.n_quarantined} quarantined, "
+        f"{state.n_duplicates} duplicates, {state.chunks} chunks; "
+        f"reports: {', '.join(state.report_versions) or 'none'}; "
+        f"dead letters: {state.dead_letters}"
+    )
+    table = Table()
+    for col in ("model", "encoded", "indexed", "images", "encode failures"):
+        table.add_column(col)
+    for m in state.models:
+        table.add_row(
+            m.model,
+            f"{m.encoded}/{m.chunks}",
+            f"{m.indexed}/{m.chunks}",
+            str(m.images_encoded),
+            str(m.encode_failures),
+        )
+    console.print(table)
+    for letter in recent_dead_letters(store, 5, batch):
+        console.print(f"  [red]{letter['task']}[/]: {letter['reason']}", highlight=False)
+
+
+def _send(message: Message) -> None:
+    from kiban.celery_app import configure, load_service_tasks
+    from kiban.workflow import dispatch
+
+    settings, _ = settings_and_store()
+    configure(settings)
+    if settings.mode == "embedded":
+        load_service_tasks()
+    dispatch(message, settings)
+    console.print_json(message.model_dump_json())
+    where = "ran in this process" if settings.mode == "embedded" else "queued"
+    console.print(f"{message.kind} {where}")  # type: ignore[attr-defined]
+
+
+def _models(models: str) -> list[str]:
+    return [m.strip() for m in models.split(",") if m.strip()]
+
+
+@trigger_app.command("ingest")
+@fails_cleanly
+def trigger_ingest(
+    source: str = typer.Option(..., help="file:///dir or s3://bucket/prefix"),
+    batch: str = typer.Option(..., help="Batch ID."),
+    models: str = typer.Option("", help="Models to encode with (none: ingest only)."),
+    manifest: str | None = typer.Option(None, help="Manifest URI."),
+    evaluate: bool = typer.Option(True, help="Evaluate when every chunk is indexed."),
+    k: str = typer.Option("1,3,5", help="k values."),
+) -> None:
+    """Ingest a batch and, with --models, encode, index and evaluate it."""
+    settings, _ = settings_and_store()
+    plan = RunPlan(models=_models(models), evaluate=evaluate, k=[int(v) for v in k.split(",")])
+    _send(
+        IngestBatch(
+            batch_id=batch,
+            source=source,
+            manifest=manifest,
+            chunk_size=settings.chunk_size,
+            plan=plan,
+        )
+    )
+
+
+@trigger_app.command("evaluate")
+@fails_cleanly
+def trigger_evaluate(
+    batch: str = typer.Option(..., help="Batch ID."),
+    models: str = typer.Option(..., help="Models, comma-separated."),
+    k: str = typer.Option("1,3,5", help="k values."),
+    protocol: str = typer.Option("auto", help="Evaluation protocol."),
+) -> None:
+    """Evaluate a batch from stored embeddings (a new report version)."""
+    _send(
+        EvaluateBatch(
+            batch_id=batch,
+            models=_models(models),
+            k=[int(v) for v in k.split(",")],
+            protocol=EvaluationProtocol(name=protocol),
+        )
+    )  # type: ignore[arg-type]
+
+
+@trigger_app.command("reindex")
+@fails_cleanly
+def trigger_reindex(
+    model: str = typer.Option(..., help="Model whose shards to re-index."),
+    batches: str = typer.Option("", help="Only these batches (default: all)."),
+) -> None:
+    """Re-upsert a model's stored shards into Qdrant (no re-encoding)."""
+    _send(ReindexModel(model=model, batches=_models(batches)))
+
+
+@trigger_app.command("export-report")
+@fails_cleanly
+def trigger_export_report(
+    batch: str = typer.Option(..., help="Batch ID."),
+    to: str = typer.Option(..., "--to", help="Destination prefix (file:// or s3://)."),
+    version: str | None = typer.Option(None, help="Report version (default: latest)."),
+) -> None:
+    """Copy a batch's report to another prefix."""
+    _send(ExportReport(batch_id=batch, report_version=version, destination=to))
+
+
+@trigger_app.command("nightly")
+@fails_cleanly
+def trigger_nightly(
+    date: str | None = typer.Option(None, help="YYYY-MM-DD (default: today, UTC)."),
+) -> None:
+    """What the schedule sends: ingest and evaluate the night's prefix."""
+    _send(NightlyRun(date=date))
+
+
+__all__ = ["register"]
