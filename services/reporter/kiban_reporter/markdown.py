@@ -51,7 +51,7 @@ def _summary_table(report: Report) -> list[str]:
     return lines
 
 
-def _model_detail(s: ModelSection) -> list[str]:
+def _model_detail(s: ModelSection, hk: int) -> list[str]:
     c = s.cost
     out = [
         f"### {s.name}",
@@ -80,7 +80,7 @@ def _model_detail(s: ModelSection) -> list[str]:
             f"| {m['k']} | {_est(m['acc_at_k'])} | {_est(m['mv_accuracy'])} "
             f"| {_est(m['mv_macro_f1'])} | {_num(m['mv_weighted_f1'])} | {_est(m['map_at_k'])} |"
         )
-    last = r["metrics"][-1]
+    last = next((m for m in r["metrics"] if m["k"] == hk), r["metrics"][-1])
     cls = last.get("classification")
     if cls:
         out += [
@@ -108,6 +108,78 @@ def _model_detail(s: ModelSection) -> list[str]:
     return [*out, ""]
 
 
+def _protocol_section(report: Report) -> list[str]:
+    p = report.protocol
+    out = [
+        "## Protocol",
+        "",
+        f"- **{p.name}** (asked: {p.requested}); a query never matches {p.exclusion or '–'}",
+        f"- {p.n_images} images evaluated, {p.n_queries} queries, {p.n_candidates} candidates"
+        + (f"; {p.n_left_out} images not encoded by every model left out" if p.n_left_out else ""),
+        f"- k = {', '.join(str(k) for k in p.ks)} (headline MV@{p.headline_k}); "
+        f"{int(p.confidence * 100)}% bootstrap intervals, {p.bootstrap_resamples} resamples, "
+        f"seed {p.seed}",
+        f"- tie rule: {p.ordering}",
+    ]
+    if p.split is not None:
+        s = p.split
+        counts = ", ".join(
+            f"{k}: {v} images / {s.units.get(k, 0)} units" for k, v in s.images.items()
+        )
+        out.append(
+            f"- split: queries = split `{s.query_split}`; splits from {s.source} ({counts})"
+            + (f"; rule: {s.rule}" if s.source == "hash" else "")
+            + (f"; test_fraction {s.test_fraction}" if s.test_fraction is not None else "")
+        )
+    if p.history is not None:
+        h = p.history
+        out.append(
+            f"- cross-batch history ({'found in the store' if h.discovered else 'as given'}): "
+            f"{', '.join(f'`{b}`' for b in h.batches) or 'none'}; {h.n_images} candidate images, "
+            f"{h.n_same_as_query_batch} images also in this batch removed, {h.n_repeated} repeats "
+            "kept once"
+        )
+    if p.query_sample is not None:
+        q = p.query_sample
+        per_class = ", ".join(f"{c}: {n}" for c, n in q.per_class.items())
+        out.append(
+            f"- query sample: {q.size} of {q.population} queries (asked {q.requested}, "
+            f"seed {q.seed}; {per_class})"
+        )
+    return [*out, ""]
+
+
+def _ann_section(report: Report) -> list[str]:
+    checks = [(s.name, s.ann_check) for s in report.models if s.ann_check is not None]
+    if not checks:
+        return []
+    out = [
+        "## Served index (Qdrant) vs exact search",
+        "",
+        "| model | status | queries | recall@k | min recall | p50 ms | p95 ms | index | points |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for name, a in checks:
+        idx = a.index or {}
+        if idx.get("index") == "hnsw":
+            desc = f"HNSW m={idx.get('hnsw_m')}, ef_construct={idx.get('hnsw_ef_construct')}"
+        else:
+            desc = str(idx.get("index", "–"))
+        out.append(
+            f"| {name} | {a.status} | {a.n_queries} | "
+            f"{'–' if a.recall_at_k is None else f'{a.recall_at_k:.3f} @{a.k}'} "
+            f"| {_num(a.recall_min)} | {_num(a.latency_ms_p50, 2)} | {_num(a.latency_ms_p95, 2)} "
+            f"| {desc} | {idx.get('points_count', '–')} |"
+        )
+        if a.reason:
+            notes.append(f"- {name}: {a.reason}")
+        elif a.scope:
+            notes.append(f"- {name}: {a.scope}")
+    rule = checks[0][1].match_rule
+    return [*out, "", *notes, f"- {rule}", ""]
+
+
 def render_markdown(report: Report) -> str:
     b, p = report.batch, report.protocol
     lines = [
@@ -119,6 +191,7 @@ def render_markdown(report: Report) -> str:
         f"{int(p.confidence * 100)}% bootstrap CIs ({p.bootstrap_resamples} resamples, "
         f"seed {p.seed}). Created {report.created_at}.",
         "",
+        *_protocol_section(report),
         "## Comparison",
         "",
         *_summary_table(report),
@@ -146,9 +219,10 @@ def render_markdown(report: Report) -> str:
                     f"| {format(d['mcnemar_p'], '.2g') if d['mcnemar_p'] is not None else ''} |"
                 )
         lines.append("")
+    lines += _ann_section(report)
     lines += ["## Models", ""]
     for s in report.models:
-        lines += _model_detail(s)
+        lines += _model_detail(s, p.headline_k)
     if b.quarantine:
         lines += ["## Quarantine", "", "| key | reason |", "|---|---|"]
         lines += [f"| `{q['key']}` | {q['reason']} |" for q in b.quarantine]

@@ -1,7 +1,11 @@
 """The report document: a versioned JSON schema; the Markdown is rendered from it.
 
-Schema ``kiban.report`` version 1 (documented in docs/report.md). Reports are never
+Schema ``kiban.report`` version 2 (every field documented in docs/report.md). Reports are never
 overwritten: each evaluation writes ``reports/<batch>/<version>/`` with the next version.
+
+v2 over v1: ``protocol`` records the requested and resolved protocol, query / candidate counts,
+the split assignment, the cross-batch history and the query sample; every model has an
+``ann_check`` (Qdrant vs exact top-k). All v1 keys keep their meaning.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from kiban_reporter.ann_check import AnnCheck
 from kiban_reporter.cost import CostSummary
+from kiban_reporter.protocols import CrossBatchHistory, QuerySample, SplitAssignment
 
 REPORT_SCHEMA = "kiban.report"
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 
 
 class BatchSummary(BaseModel):
@@ -31,12 +37,35 @@ class BatchSummary(BaseModel):
 
 
 class Protocol(BaseModel):
-    name: str = Field(description="leave-one-out | leave-one-group-out | none (unlabelled)")
+    name: str = Field(
+        description="resolved: leave-one-out | leave-one-group-out | split | cross-batch | "
+        "none (not scored)"
+    )
+    requested: str = Field(
+        "auto",
+        description="as asked: auto | leave-one-out | leave-one-group-out | split | cross-batch",
+    )
+    exclusion: str | None = Field(None, description="what a query never matches")
+    ordering: str = Field(
+        "rows sorted by (batch, key); equal similarities rank the smaller (batch, key) first",
+        description="the tie rule's key",
+    )
     ks: list[int]
     headline_k: int
     bootstrap_resamples: int
     seed: int
     confidence: float
+    n_images: int = Field(0, description="rows evaluated (this batch + history)")
+    n_queries: int = Field(0, description="query images (after the sample)")
+    n_candidates: int = Field(0, description="searchable images")
+    n_left_out: int = Field(
+        0, description="images of this batch not encoded by every model (left out)"
+    )
+    query_split: str | None = None
+    split: SplitAssignment | None = None
+    history: CrossBatchHistory | None = None
+    query_sample: QuerySample | None = None
+    ann_check_queries: int = 0
     definitions: str = "docs/report.md#definitions"
 
 
@@ -57,6 +86,9 @@ class ModelSection(BaseModel):
         description="kiban_reporter.metrics.RetrievalResult, or null when not scored."
     )
     cost: CostSummary
+    ann_check: AnnCheck | None = Field(
+        None, description="Qdrant's top-k vs the exact top-k (null when not scored)"
+    )
 
 
 class Report(BaseModel):

@@ -1,0 +1,392 @@
+"""Evaluation protocols as query / candidate masks over one key-ordered row list.
+
+Pure logic, no I/O: the evaluation reads the rows (one per image, of this batch and, for
+cross-batch, of earlier batches), this module decides which rows query, which are searched and
+what is excluded, and ``kiban_reporter.metrics.evaluate`` does the rest through its
+``query_mask`` / ``candidate_mask`` / ``groups`` arguments.
+
+Row order — the tie rule's "key": rows are sorted by ``(batch id, image key)``. Within one
+batch that is the image key (as in the metrics engine); across batches the batch id comes
+first. Two candidates with exactly the same similarity are ranked by that order.
+
+Protocols (``EvaluationProtocol.name``):
+
+``leave-one-out``
+    Every labelled image of the batch queries every other labelled image of the batch.
+``leave-one-group-out``
+    As leave-one-out, but no image of the query's own group (patient / slide / lot) is a
+    candidate. Asked for on a batch without groups: leave-one-out, with a warning.
+``auto``
+    leave-one-group-out when the batch has groups, else leave-one-out.
+``split``
+    Queries are the images whose split is ``query_split``; candidates are the images of every
+    other split. Splits come from the manifest when any image has one (images without a split
+    are candidates, counted and warned). Otherwise they are assigned by hashing (``SPLIT_RULE``):
+    the unit is the group, so a group is never split. With groups, same-group candidates are
+    excluded as well (this matters only when manifest splits cut through a group: warned).
+``cross-batch``
+    This batch's images query the accumulated index of earlier batches (only those rows are
+    candidates). An image of this batch found again in an earlier one (same sha256) is not a
+    candidate: it would find itself. The same image in several earlier batches is one candidate
+    (the newest batch's row), as it is one point in Qdrant. Group names are local to a batch
+    (``batch/group``): they are not used to exclude across batches, but they stay the bootstrap
+    unit of this batch's queries.
+``query_sample``
+    After the protocol, an optional class-stratified, seeded sample of the queries (see
+    ``stratified_sample``); candidates are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, Field
+
+from kiban.messages import EvaluationProtocol
+
+SPLIT_SALT = "kiban-split:"
+SPLIT_RULE = (
+    "unit = group (the image's sha256 when it has no group); "
+    "u = first 8 bytes of sha256('kiban-split:' + unit) as an unsigned big-endian integer / 2^64; "
+    "the unit's images are queries (query_split) when u < test_fraction, else candidates "
+    "('index'); if that leaves one side empty, the unit with the smallest u (or the largest) "
+    "moves over"
+)
+SAMPLE_RULE = (
+    "class-stratified: one query per class first (when the sample is at least the number of "
+    "classes), the rest in proportion to class size minus one (largest remainder, ties by class "
+    "name); within a class numpy.random.default_rng(seed).choice over the key-ordered rows"
+)
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One image in the evaluation: where it comes from and what the protocols need."""
+
+    batch: str
+    key: str
+    sha256: str
+    label: str | None
+    group: str | None = None
+    split: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.label)
+
+
+class SplitAssignment(BaseModel):
+    source: Literal["manifest", "hash"] = Field(description="where the splits came from")
+    query_split: str
+    other_split: str | None = Field(description="name given to the non-query side (hash)")
+    rule: str
+    test_fraction: float | None = Field(description="hash assignment: target share of units")
+    images: dict[str, int] = Field(description="split → images")
+    units: dict[str, int] = Field(description="split → groups (or images without a group)")
+    n_without_split: int = Field(description="manifest: images with no split (candidates)")
+    n_groups_across_splits: int = Field(description="groups with images in both sides")
+
+
+class QuerySample(BaseModel):
+    requested: int
+    size: int = Field(description="queries drawn (≤ requested)")
+    population: int = Field(description="queries the protocol gave before sampling")
+    seed: int
+    per_class: dict[str, int]
+    rule: str = SAMPLE_RULE
+
+
+class CrossBatchHistory(BaseModel):
+    batches: list[str] = Field(description="earlier batches forming the index, oldest first")
+    discovered: bool = Field(description="true: found in the store (history_batches empty)")
+    n_images: int = Field(description="candidate images after the exclusions below")
+    n_same_as_query_batch: int = Field(description="earlier images with a sha256 in this batch")
+    n_repeated: int = Field(description="images in several earlier batches, kept once (newest)")
+
+
+@dataclass
+class ProtocolPlan:
+    """The resolved protocol: masks and groups for ``evaluate``, plus what the report records."""
+
+    requested: str
+    name: str
+    query_mask: NDArray[np.bool_]
+    candidate_mask: NDArray[np.bool_]
+    groups: list[str | None] | None
+    exclusion: str
+    split: SplitAssignment | None = None
+    sample: QuerySample | None = None
+    history: CrossBatchHistory | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_queries(self) -> int:
+        return int(np.count_nonzero(self.query_mask))
+
+    @property
+    def n_candidates(self) -> int:
+        return int(np.count_nonzero(self.candidate_mask))
+
+    def group_codes(self) -> NDArray[np.int64]:
+        """Exclusion codes as the metrics engine builds them (own code without a group)."""
+        n = self.query_mask.size
+        if self.groups is None:
+            return np.arange(n, dtype=np.int64)
+        names = sorted({g for g in self.groups if g})
+        index = {g: i for i, g in enumerate(names)}
+        codes = np.empty(n, dtype=np.int64)
+        nxt = len(names)
+        for i, g in enumerate(self.groups):
+            if g:
+                codes[i] = index[g]
+            else:
+                codes[i] = nxt
+                nxt += 1
+        return codes
+
+
+def unit_fraction(unit: str) -> float:
+    """A deterministic number in [0, 1) for a split unit (group or sha256)."""
+    digest = hashlib.sha256(f"{SPLIT_SALT}{unit}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_splits(
+    rows: Sequence[EvalRow], query_split: str, test_fraction: float
+) -> tuple[list[str | None], SplitAssignment]:
+    """Each row's split: from the manifest when any row has one, else by hashing its group."""
+    units = [r.group or r.sha256 for r in rows]
+    if any(r.split for r in rows):
+        splits: list[str | None] = [r.split or None for r in rows]
+        source: Literal["manifest", "hash"] = "manifest"
+        other = None
+        fraction = None
+        rule = "splits from the manifest; images without a split are candidates"
+    else:
+        other = "index" if query_split != "index" else "candidates"
+        uniq = sorted(set(units))
+        frac = {u: unit_fraction(u) for u in uniq}
+        test = {u for u in uniq if frac[u] < test_fraction}
+        if uniq and not test:
+            test = {min(uniq, key=lambda u: frac[u])}
+        if len(uniq) > 1 and len(test) == len(uniq):
+            test.discard(max(uniq, key=lambda u: frac[u]))
+        splits = [query_split if u in test else other for u in units]
+        source, fraction, rule = "hash", test_fraction, SPLIT_RULE
+    side = ["query" if s == query_split else "other" for s in splits]
+    sides_of_unit: dict[str, set[str]] = {}
+    for r, s in zip(rows, side, strict=True):
+        if r.group:
+            sides_of_unit.setdefault(r.group, set()).add(s)
+    images = Counter(s if s is not None else "(none)" for s in splits)
+    unit_sets: dict[str, set[str]] = {}
+    for u, s in zip(units, splits, strict=True):
+        unit_sets.setdefault(s if s is not None else "(none)", set()).add(u)
+    return splits, SplitAssignment(
+        source=source,
+        query_split=query_split,
+        other_split=other,
+        rule=rule,
+        test_fraction=fraction,
+        images=dict(sorted(images.items())),
+        units={k: len(v) for k, v in sorted(unit_sets.items())},
+        n_without_split=sum(1 for s in splits if s is None),
+        n_groups_across_splits=sum(1 for v in sides_of_unit.values() if len(v) > 1),
+    )
+
+
+def _largest_remainder(total: int, weights: dict[str, int]) -> dict[str, int]:
+    wsum = sum(weights.values())
+    if total <= 0 or wsum <= 0:
+        return dict.fromkeys(weights, 0)
+    exact = {c: total * w / wsum for c, w in weights.items()}
+    out = {c: int(np.floor(v)) for c, v in exact.items()}
+    left = total - sum(out.values())
+    order = sorted(weights, key=lambda c: (-(exact[c] - out[c]), c))
+    for c in order[:left]:
+        out[c] += 1
+    return out
+
+
+def stratified_sample(
+    labels: Sequence[str], n: int, seed: int
+) -> tuple[NDArray[np.int64], dict[str, int]]:
+    """Ascending positions of a class-stratified, seeded sample of ``n`` of ``labels``.
+
+    Same labels, n and seed → the same sample. See ``SAMPLE_RULE``.
+    """
+    total = len(labels)
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    classes = sorted(by_class)
+    if n >= total:
+        return np.arange(total, dtype=np.int64), {c: len(by_class[c]) for c in classes}
+    rng = np.random.default_rng(seed)
+    if n < len(classes):
+        picked = sorted(rng.choice(len(classes), size=n, replace=False).tolist())
+        quota = {c: (1 if i in picked else 0) for i, c in enumerate(classes)}
+    else:
+        extra = _largest_remainder(n - len(classes), {c: len(by_class[c]) - 1 for c in classes})
+        quota = {c: 1 + extra[c] for c in classes}
+    chosen: list[int] = []
+    for c in classes:
+        if quota[c]:
+            members = np.asarray(by_class[c], dtype=np.int64)
+            chosen.extend(rng.choice(members, size=quota[c], replace=False).tolist())
+    return np.asarray(sorted(chosen), dtype=np.int64), {c: quota[c] for c in classes if quota[c]}
+
+
+def check_order(rows: Sequence[EvalRow]) -> None:
+    keys = [(r.batch, r.key) for r in rows]
+    if any(a >= b for a, b in zip(keys, keys[1:], strict=False)):
+        raise ValueError(
+            "rows must be strictly ordered by (batch, key): that order is the tie rule"
+        )
+
+
+def plan_protocol(
+    protocol: EvaluationProtocol,
+    rows: Sequence[EvalRow],
+    batch_id: str,
+    history: Sequence[str] = (),
+    discovered: bool = False,
+) -> ProtocolPlan:
+    """Masks for ``protocol`` over ``rows`` (sorted by (batch, key)).
+
+    Args:
+        rows: this batch's images and, for cross-batch, those of the ``history`` batches.
+        batch_id: this batch (the queries come from it).
+        history: cross-batch: the earlier batches, oldest first (the newest copy of a repeated
+            image is the one kept).
+        discovered: recorded in the report (history found in the store, not given).
+    """
+    check_order(rows)
+    n = len(rows)
+    current = np.fromiter((r.batch == batch_id for r in rows), dtype=bool, count=n)
+    labelled = np.fromiter((r.labelled for r in rows), dtype=bool, count=n)
+    grouped = any(r.group for r, c in zip(rows, current, strict=True) if c)
+    warnings: list[str] = []
+    split = hist = None
+    requested = protocol.name
+    name = requested
+    if name == "auto":
+        name = "leave-one-group-out" if grouped else "leave-one-out"
+    if name == "leave-one-group-out" and not grouped:
+        warnings.append(
+            "leave-one-group-out asked for, but the batch has no groups: leave-one-out instead"
+        )
+        name = "leave-one-out"
+
+    groups: list[str | None] | None = None
+    if name in ("leave-one-out", "leave-one-group-out"):
+        qmask = current & labelled
+        cmask = current & labelled
+        if name == "leave-one-group-out":
+            groups = [r.group for r in rows]
+            exclusion = "the query and every image of its group"
+        else:
+            exclusion = "the query itself"
+    elif name == "split":
+        cur_idx = np.flatnonzero(current)
+        splits, split = assign_splits(
+            [rows[i] for i in cur_idx], protocol.query_split, protocol.test_fraction
+        )
+        is_query = np.zeros(n, dtype=bool)
+        is_query[cur_idx] = [s == protocol.query_split for s in splits]
+        qmask = is_query & labelled
+        cmask = current & ~is_query & labelled
+        if split.source == "manifest" and not is_query.any():
+            warnings.append(
+                f"split: no image is in split {protocol.query_split!r} "
+                f"(splits: {', '.join(k for k in split.images if k != '(none)') or 'none'})"
+            )
+        if split.n_without_split:
+            warnings.append(
+                f"split: {split.n_without_split} images have no split in the manifest; "
+                "they are candidates"
+            )
+        if grouped:
+            groups = [r.group for r in rows]
+            exclusion = "images of the query's group (groups never span splits when hashed)"
+            if split.n_groups_across_splits:
+                warnings.append(
+                    f"split: {split.n_groups_across_splits} groups have images on both sides of "
+                    "the manifest's split; their same-group candidates are excluded"
+                )
+        else:
+            exclusion = "none needed (queries and candidates are disjoint)"
+    else:  # cross-batch
+        order = {b: i for i, b in enumerate(history)}
+        qmask = current & labelled
+        cur_shas = {r.sha256 for r, c in zip(rows, current, strict=True) if c}
+        newest: dict[str, int] = {}
+        same = repeated = 0
+        for i, r in enumerate(rows):
+            if current[i] or not labelled[i]:
+                continue
+            if r.sha256 in cur_shas:
+                same += 1
+                continue
+            j = newest.get(r.sha256)
+            if j is None:
+                newest[r.sha256] = i
+                continue
+            repeated += 1
+            if order.get(r.batch, -1) > order.get(rows[j].batch, -1):
+                newest[r.sha256] = i
+        cmask = np.zeros(n, dtype=bool)
+        cmask[list(newest.values())] = True
+        hist = CrossBatchHistory(
+            batches=list(history),
+            discovered=discovered,
+            n_images=int(cmask.sum()),
+            n_same_as_query_batch=same,
+            n_repeated=repeated,
+        )
+        if not history:
+            warnings.append("cross-batch: no earlier batch to search; nothing is scored")
+        elif not cmask.any():
+            warnings.append("cross-batch: the earlier batches have no labelled image to search")
+        if grouped:
+            groups = [f"{r.batch}/{r.group}" if r.group else None for r in rows]
+        exclusion = "the same image (sha256) found in an earlier batch"
+
+    sample = None
+    if protocol.query_sample is not None:
+        pop = np.flatnonzero(qmask)
+        picked, per_class = stratified_sample(
+            [str(rows[i].label) for i in pop], protocol.query_sample, protocol.seed
+        )
+        qmask = np.zeros(n, dtype=bool)
+        qmask[pop[picked]] = True
+        sample = QuerySample(
+            requested=protocol.query_sample,
+            size=int(picked.size),
+            population=int(pop.size),
+            seed=protocol.seed,
+            per_class=per_class,
+        )
+        if picked.size < protocol.query_sample:
+            warnings.append(
+                f"query sample of {protocol.query_sample} asked for, only {pop.size} queries: "
+                "all of them are used"
+            )
+    return ProtocolPlan(
+        requested=requested,
+        name=name,
+        query_mask=qmask,
+        candidate_mask=cmask,
+        groups=groups,
+        exclusion=exclusion,
+        split=split,
+        sample=sample,
+        history=hist,
+        warnings=warnings,
+    )
