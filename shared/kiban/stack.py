@@ -260,6 +260,7 @@ class LocalStack:
 
     def save_state(self, path: Path) -> None:
         path.write_text(json.dumps(self.state(), indent=2))
+        path.chmod(0o600)
 
 
 def stop_from_state(path: Path) -> list[str]:

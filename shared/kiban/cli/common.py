@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,7 +15,8 @@ from kiban.settings import Settings, load_settings, use_settings
 from kiban.store import ObjectStore, open_store
 from kiban.telemetry import redact, setup_logging
 
-console = Console()
+# Tables stay readable when output is piped (CI logs, files): no 80-column squeeze.
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])

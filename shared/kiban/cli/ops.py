@@ -87,10 +87,11 @@ def up(
         stack.stop()
         raise
     stack.save_state(_state_file(settings.home.resolve()))
-    console.print(f"[green]kiban stack up[/] in {home} (logs in {home / 'logs'}); use it with:")
-    for key, value in stack.env.items():
-        shown = "***" if "SECRET" in key else value
-        console.print(f"export {key}={shown}", markup=False, highlight=False)
+    env_file = home / "env.sh"
+    env_file.write_text("".join(f"export {k}={v}\n" for k, v in stack.env.items()))
+    env_file.chmod(0o600)  # holds the generated S3 secret: not printed, not world-readable
+    console.print(f"[green]kiban stack up[/] in {home} (logs in {home / 'logs'})")
+    console.print(f"use it from another shell:  source {env_file}", highlight=False)
     if detach:
         return
     console.print("Ctrl-C stops everything.")
