@@ -1,13 +1,33 @@
-# kiban reporter worker: the common library plus the "reporter" extra only.
-FROM python:3.11-slim
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-WORKDIR /app
+# kiban reporter worker: the common library + the "reporter" extra (numpy, scipy, scikit-learn).
+# Build from the repository root:  docker build -f docker/reporter.Dockerfile -t kiban/reporter .
+# Only shared/ and services/reporter/ are copied; setuptools skips the other `where` roots of
+# pyproject.toml that are absent (see docker/README.md).
+
+FROM python:3.11.13-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared/ shared/
 COPY services/reporter/ services/reporter/
+# The project itself (a path, not a registry name): DL3013 pinning does not apply.
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[reporter]"
-RUN useradd --create-home --uid 10001 kiban
-USER kiban
+
+FROM python:3.11.13-slim-bookworm
+LABEL org.opencontainers.image.title="kiban-reporter" \
+      org.opencontainers.image.description="kiban reporter worker: retrieval metrics, cost, reports"
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp KIBAN_HOME=/var/lib/kiban
+RUN groupadd --system --gid 10001 kiban \
+    && useradd --system --uid 10001 --gid kiban --no-create-home --shell /usr/sbin/nologin kiban \
+    && mkdir -p /var/lib/kiban && chown kiban:kiban /var/lib/kiban
+COPY --from=build /opt/venv /opt/venv
+USER 10001:10001
+WORKDIR /var/lib/kiban
 EXPOSE 9100
+# Health: Kubernetes probes GET :9100/metrics (charts/kiban); no HEALTHCHECK here.
 ENTRYPOINT ["kiban"]
 CMD ["worker", "reporter"]
