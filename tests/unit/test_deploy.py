@@ -228,20 +228,35 @@ def test_images_per_service(full_objects: list[dict[str, Any]]) -> None:
     assert images["beat"].startswith("kiban/ingest:")
     assert images["encoder-gpu"].startswith("kiban/encoder:")
     assert images["encoder-default"].startswith("kiban/encoder-cpu:")
-    assert images["indexer"].startswith("kiban/encoder-cpu:")
+    assert images["indexer"].startswith("kiban/indexer:")
     assert images["reporter"].startswith("kiban/reporter:")
     assert all(not i.endswith(":latest") and ":" in i for i in images.values())
 
 
-def test_beat_is_a_single_recreated_replica(objects: list[dict[str, Any]]) -> None:
-    beat = workers(objects)["beat"]
+def test_beat_is_a_single_recreated_replica(full_objects: list[dict[str, Any]]) -> None:
+    beat = workers(full_objects)["beat"]
     assert beat["spec"]["replicas"] == 1
     assert beat["spec"]["strategy"]["type"] == "Recreate"
+    config = configmap_env(full_objects)
+    assert config["KIBAN_SCHEDULE_SOURCE"] == "s3://images/incoming/{date}/"
+    assert config["KIBAN_SCHEDULE_MODELS"] == "effnet-lite0,vit-b-32"
+
+
+def test_no_beat_without_a_nightly_source(default_objects: list[dict[str, Any]]) -> None:
+    # `kiban worker beat` refuses to start without KIBAN_SCHEDULE_SOURCE and _MODELS
+    assert "beat" not in workers(default_objects)
+    values = {"schedule": {"source": "s3://images/{date}/"}}
+    with pytest.raises(helm.HelmError, match="schedule.models is required"):
+        render(values)
 
 
 def test_indexer_single_writer_in_qdrant_local_mode(default_objects: list[dict[str, Any]]) -> None:
     indexer = workers(default_objects)["indexer"]
     assert "KIBAN_QDRANT_URL" not in configmap_env(default_objects)
+    # the one process that may open the Qdrant directory serves the report queue too
+    args = container(indexer)["args"]
+    assert args[args.index("--queues") + 1] == "index,report"
+    assert "reporter" not in workers(default_objects)
     assert indexer["spec"]["replicas"] == 1
     assert indexer["spec"]["strategy"]["type"] == "Recreate"
     env = {e["name"]: e.get("value") for e in container(indexer)["env"]}
@@ -259,6 +274,7 @@ def test_indexer_single_writer_in_qdrant_local_mode(default_objects: list[dict[s
 def test_indexer_scales_with_a_qdrant_server(full_objects: list[dict[str, Any]]) -> None:
     indexer = workers(full_objects)["indexer"]
     assert configmap_env(full_objects)["KIBAN_QDRANT_URL"].startswith("http")
+    assert "reporter" in workers(full_objects)
     assert indexer["spec"]["replicas"] == 2
     assert indexer["spec"]["strategy"]["type"] == "RollingUpdate"
     assert not of_kind(full_objects, "PersistentVolumeClaim").get(f"{RELEASE}-kiban-qdrant")
@@ -592,6 +608,15 @@ def test_dockerfile_installs_only_its_own_service(service: str) -> None:
     assert re.findall(r'^CMD \["worker", "(\w+)"\]', text, re.M)[-1] == service
 
 
+def test_indexer_image_has_encoder_and_reporter() -> None:
+    """In Qdrant local mode the indexer also serves the report queue (kiban.worker.resolve)."""
+    text = (REPO_ROOT / "docker" / "indexer.Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (?!--from)(\S+)", text, re.M))
+    assert copied == {"pyproject.toml", "shared/", "services/encoder/", "services/reporter/"}
+    assert '".[encoder,reporter]"' in text
+    assert re.findall(r'^CMD \["worker", "(\w+)"\]', text, re.M) == ["indexer"]
+
+
 def test_every_service_has_a_dockerfile_and_a_package_root() -> None:
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     for service in ("ingest", "encoder", "reporter"):
@@ -619,3 +644,20 @@ def test_full_values_file_only_uses_known_keys() -> None:
     default_pool_keys = set().union(*(set(p) for p in defaults["encoder"]["pools"]))
     for pool in full_values()["encoder"]["pools"]:
         assert set(pool) <= default_pool_keys, pool
+
+
+def test_worker_args_parse_with_the_kiban_cli(objects: list[dict[str, Any]]) -> None:
+    """The rendered args are a valid `kiban worker` command line (parsed, not run)."""
+    import typer
+
+    from kiban.cli.main import app
+
+    group = typer.main.get_command(app)
+    for component, deployment in workers(objects).items():
+        args = container(deployment)["args"]
+        with group.make_context("kiban", list(args), resilient_parsing=True) as ctx:
+            command = group.get_command(ctx, args[0])  # type: ignore[attr-defined]
+            assert command is not None, component
+            parsed = command.make_context(args[0], list(args[1:])).params
+        assert parsed["service"] == deployment["metadata"]["labels"]["kiban.io/service"]
+        assert parsed["metrics_port"] == 9100

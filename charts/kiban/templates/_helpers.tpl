@@ -126,12 +126,19 @@ values, strategy, extra env, whether it mounts the Qdrant volume). */}}
 {{- fail "indexer.replicas > 1 needs qdrant.url: Qdrant local mode allows one process per directory (a single writer)" -}}
 {{- end -}}
 {{- $indexerEnv := list -}}
+{{- $indexerQueues := list "index" -}}
 {{- if $local -}}
 {{- $indexerEnv = list (dict "name" "KIBAN_QDRANT_PATH" "value" $v.qdrant.localPath) -}}
+{{- $indexerQueues = list "index" "report" -}}
 {{- end -}}
-{{- $workers = append $workers (dict "component" "indexer" "service" "indexer" "queues" (list "index") "image" $v.images.encoderCpu "cfg" $v.indexer "replicas" $indexerReplicas "recreate" $local "env" $indexerEnv "qdrantVolume" $local) -}}
+{{- $workers = append $workers (dict "component" "indexer" "service" "indexer" "queues" $indexerQueues "image" $v.images.indexer "cfg" $v.indexer "replicas" $indexerReplicas "recreate" $local "env" $indexerEnv "qdrantVolume" $local) -}}
+{{- if not $local -}}
 {{- $workers = append $workers (dict "component" "reporter" "service" "reporter" "queues" (list "report") "image" $v.images.reporter "cfg" $v.reporter "replicas" $v.reporter.replicas "recreate" false "env" list "qdrantVolume" false) -}}
-{{- if $v.beat.enabled -}}
+{{- end -}}
+{{- if and $v.schedule.enabled $v.schedule.source -}}
+{{- if not $v.schedule.models -}}
+{{- fail "schedule.models is required with schedule.source (the models the nightly batch is encoded with)" -}}
+{{- end -}}
 {{- $workers = append $workers (dict "component" "beat" "service" "beat" "queues" list "image" $v.images.ingest "cfg" $v.beat "replicas" 1 "recreate" true "env" list "qdrantVolume" false) -}}
 {{- end -}}
 {{- toJson (dict "items" $workers) -}}

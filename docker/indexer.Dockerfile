@@ -1,0 +1,36 @@
+# kiban indexer: the Qdrant writer (queue index). In Qdrant local mode (no KIBAN_QDRANT_URL) it
+# is the single process that opens the Qdrant directory, so it also serves the report queue
+# (`kiban worker indexer` then loads the reporter's tasks): it needs both the "encoder" and the
+# "reporter" extras. CPU only (onnxruntime-gpu without CUDA libraries falls back to CPU).
+# Build from the repository root:  docker build -f docker/indexer.Dockerfile -t kiban/indexer .
+
+FROM python:3.11.13-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY shared/ shared/
+COPY services/encoder/ services/encoder/
+COPY services/reporter/ services/reporter/
+# The project itself (a path, not a registry name): DL3013 pinning does not apply.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[encoder,reporter]"
+
+FROM python:3.11.13-slim-bookworm
+LABEL org.opencontainers.image.title="kiban-indexer" \
+      org.opencontainers.image.description="kiban index writer (and reporter in Qdrant local mode)"
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp KIBAN_HOME=/var/lib/kiban \
+    KIBAN_ORT_PROVIDERS=CPUExecutionProvider
+RUN groupadd --system --gid 10001 kiban \
+    && useradd --system --uid 10001 --gid kiban --no-create-home --shell /usr/sbin/nologin kiban \
+    && mkdir -p /var/lib/kiban && chown kiban:kiban /var/lib/kiban
+COPY --from=build /opt/venv /opt/venv
+USER 10001:10001
+WORKDIR /var/lib/kiban
+EXPOSE 9100
+# Health: Kubernetes probes GET :9100/metrics (charts/kiban); no HEALTHCHECK here.
+ENTRYPOINT ["kiban"]
+CMD ["worker", "indexer"]
