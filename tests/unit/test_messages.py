@@ -52,3 +52,19 @@ def test_evaluate_needs_models_and_positive_k() -> None:
 def test_non_dict_payload_is_rejected() -> None:
     with pytest.raises(InvalidMessageError):
         parse_message("not a message", IngestBatch)
+
+
+def test_readme_message_examples_are_valid() -> None:
+    """Operations teams copy these: every documented example must validate as its kind."""
+    import json
+    import re
+
+    from kiban.messages import TASK_NAMES, message_types
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    examples = re.findall(r"#### `(\w+)` → task `([\w.]+)`.*?```json\n(.*?)```", readme, re.S)
+    assert {kind for kind, _, _ in examples} == set(message_types())
+    for kind, task, body in examples:
+        assert TASK_NAMES[kind] == task
+        parse_message(json.loads(body)["message"], message_types()[kind])
