@@ -132,7 +132,7 @@ def _check(
         )
     labelled = np.fromiter((r.labelled for r in rows), dtype=bool, count=len(rows))
     cand_rows = np.flatnonzero(plan.candidate_mask & labelled)
-    sha_to_row = {rows[i].sha256: int(i) for i in cand_rows}
+    sha_to_row = {rows[int(i)].sha256: int(i) for i in cand_rows}
     payload = index.payload_batches(model, list(sha_to_row))
     not_indexed = len(sha_to_row) - len(payload)
     scope = set(scope_batches)

@@ -186,8 +186,8 @@ def assign_splits(
             sides_of_unit.setdefault(r.group, set()).add(s)
     images = Counter(s if s is not None else "(none)" for s in splits)
     unit_sets: dict[str, set[str]] = {}
-    for u, s in zip(units, splits, strict=True):
-        unit_sets.setdefault(s if s is not None else "(none)", set()).add(u)
+    for u, sp in zip(units, splits, strict=True):
+        unit_sets.setdefault(sp if sp is not None else "(none)", set()).add(u)
     return splits, SplitAssignment(
         source=source,
         query_split=query_split,
@@ -296,7 +296,7 @@ def plan_protocol(
     elif name == "split":
         cur_idx = np.flatnonzero(current)
         splits, split = assign_splits(
-            [rows[i] for i in cur_idx], protocol.query_split, protocol.test_fraction
+            [rows[int(i)] for i in cur_idx], protocol.query_split, protocol.test_fraction
         )
         is_query = np.zeros(n, dtype=bool)
         is_query[cur_idx] = [s == protocol.query_split for s in splits]
@@ -362,7 +362,7 @@ def plan_protocol(
     if protocol.query_sample is not None:
         pop = np.flatnonzero(qmask)
         picked, per_class = stratified_sample(
-            [str(rows[i].label) for i in pop], protocol.query_sample, protocol.seed
+            [str(rows[int(i)].label) for i in pop], protocol.query_sample, protocol.seed
         )
         qmask = np.zeros(n, dtype=bool)
         qmask[pop[picked]] = True
