@@ -113,7 +113,8 @@ def _protocol_section(report: Report) -> list[str]:
     out = [
         "## Protocol",
         "",
-        f"- **{p.name}** (asked: {p.requested}); a query never matches {p.exclusion or '–'}",
+        f"- **{p.name}** (asked: {p.requested}); excluded from a query's candidates: "
+        f"{p.exclusion or '–'}",
         f"- {p.n_images} images evaluated, {p.n_queries} queries, {p.n_candidates} candidates"
         + (f"; {p.n_left_out} images not encoded by every model left out" if p.n_left_out else ""),
         f"- k = {', '.join(str(k) for k in p.ks)} (headline MV@{p.headline_k}); "

@@ -321,7 +321,7 @@ def plan_protocol(
                     "the manifest's split; their same-group candidates are excluded"
                 )
         else:
-            exclusion = "none needed (queries and candidates are disjoint)"
+            exclusion = "nothing (queries and candidates are disjoint)"
     else:  # cross-batch
         order = {b: i for i, b in enumerate(history)}
         qmask = current & labelled
