@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_encoder.py", "bench_knn.py", "bench_qdrant.py"]
+BENCHES = ["bench_encoder.py", "bench_knn.py", "bench_qdrant.py", "bench_distributed.py"]
 
 
 def main() -> int:

@@ -69,6 +69,8 @@ class VectorIndex:
         self.client.create_collection(
             name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
         )
+        if self.is_local:
+            return  # local mode ignores payload indexes (and warns); a server uses them
         for field in ("batch", "label", "sha256"):
             self.client.create_payload_index(name, field, models.PayloadSchemaType.KEYWORD)
 
