@@ -137,9 +137,7 @@ class ExportReport(Message):
 
     kind: Literal["export_report"] = "export_report"
     batch_id: Name
-    report_version: str | None = Field(
-        None, pattern=r"^\d{4}$", description="Default: the latest."
-    )
+    report_version: str | None = Field(None, pattern=r"^\d{4}$", description="Default: the latest.")
     destination: str = Field(min_length=1, description="file:///dir or s3://bucket/prefix")
 
 

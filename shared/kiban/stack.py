@@ -155,6 +155,19 @@ class S3Endpoint:
 
 
 def start_seaweedfs(
+    data_dir: Path, access_key: str, secret_key: str, attempts: int = 3
+) -> tuple[Proc, S3Endpoint, list[int]]:
+    """`weed mini` on free loopback ports; retried when a port is taken between check and bind."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_seaweedfs_once(data_dir / f"try-{attempt}", access_key, secret_key)
+        except KibanError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_seaweedfs_once(
     data_dir: Path, access_key: str, secret_key: str
 ) -> tuple[Proc, S3Endpoint, list[int]]:
     weed = find_binary("weed")
@@ -172,7 +185,16 @@ def start_seaweedfs(
     env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
     proc = spawn("seaweedfs", args, data_dir, env)
     endpoint = S3Endpoint(f"http://127.0.0.1:{s3}", access_key, secret_key)
-    wait_until(lambda: bool(endpoint.client().list_buckets() is not None), 60, "SeaweedFS S3")
+    try:
+        wait_until(
+            lambda: proc.alive() and endpoint.client().list_buckets() is not None,
+            60,
+            "SeaweedFS S3",
+        )
+    except KibanError:
+        proc.stop()
+        cleanup_weed_sockets(ports)
+        raise
     return proc, endpoint, ports
 
 

@@ -1,6 +1,6 @@
 """The terminal view of a report: the comparison table, verdicts and warnings.
 
-Reads the report JSON (schema kiban.report v1) only; the full document is report.md.
+Reads the report JSON (schema kiban.report, docs/report.md) only; the full document is report.md.
 """
 
 from __future__ import annotations
