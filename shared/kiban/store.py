@@ -132,7 +132,9 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10)
-        self._s3 = boto3.client(
+        # A session of its own: boto3's default session caches the first credentials it
+        # resolves for the life of the process and is not safe to share between threads.
+        self._s3 = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
         )
         if create_bucket:
