@@ -40,6 +40,9 @@ class BuiltModel:
     notes: list[str] = field(default_factory=list)
 
 
+RANDOM_INIT_SEED = 0
+
+
 def build(spec: ExportSpec) -> BuiltModel:
     """Dispatch on the spec's source; the module is returned in eval mode."""
     builder = {
@@ -50,12 +53,15 @@ def build(spec: ExportSpec) -> BuiltModel:
     }.get(spec.source)
     if builder is None:
         raise ExportError(f"source {spec.source!r} is not a torch model")
+    import torch
+
+    # A model without weights is a random baseline: seed it so every export of the same
+    # spec is the same network and reports are reproducible.
+    torch.manual_seed(RANDOM_INIT_SEED)
     built = builder(spec)
     built.module.eval()
     for p in built.module.parameters():
         p.requires_grad_(False)
-    import torch
-
     built.versions = {"torch": torch.__version__, **built.versions}
     return built
 
@@ -179,7 +185,7 @@ def _build_open_clip(spec: ExportSpec) -> BuiltModel:
         weights, is_pretrained = spec.weights, True
     else:
         weights, is_pretrained = "none", False
-        notes.append("random initialisation — not a trained model")
+        notes.append(f"random initialisation (torch seed {RANDOM_INIT_SEED}) — not a trained model")
     return BuiltModel(
         module=ClipImageEmbedding(model),
         param_module=visual,
@@ -239,7 +245,7 @@ def _build_torchvision(spec: ExportSpec) -> BuiltModel:
         weights, pretrained = str(spec.weights_file), True
     else:
         weights, pretrained = "none", False
-        notes.append("random initialisation — not a trained model")
+        notes.append(f"random initialisation (torch seed {RANDOM_INIT_SEED}) — not a trained model")
     return BuiltModel(
         module=net,
         param_module=net,
@@ -279,7 +285,7 @@ def _build_timm(spec: ExportSpec) -> BuiltModel:
         weights, pretrained = str(spec.weights_file), True
     else:
         weights, pretrained = "none", False
-        notes.append("random initialisation — not a trained model")
+        notes.append(f"random initialisation (torch seed {RANDOM_INIT_SEED}) — not a trained model")
     cfg = resolve_data_config({}, model=net)
     _, height, width = cfg["input_size"]
     if height != width:
