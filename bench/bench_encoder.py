@@ -58,9 +58,9 @@ def image_folder(dst: Path, n: int, copies: int = 1) -> Path:
         (dst / label / name).write_bytes(data)
         for c in range(1, copies):
             arr = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
-            arr[0, 0, 0] = (int(arr[0, 0, 0]) + c) % 256
+            arr[:8, :8, :] = (arr[:8, :8, :].astype(np.int16) + 7 * c) % 256  # an 8x8 stamp
             buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, "JPEG", quality=92)
+            Image.fromarray(arr).save(buf, "JPEG", quality=95 - c)
             (dst / label / f"v{c}-{name}").write_bytes(buf.getvalue())
     return dst
 
@@ -83,7 +83,9 @@ def ensure_models(settings, names: list[str]) -> None:  # type: ignore[no-untype
                 publish(store, card, path)
 
 
-def encode_batch(settings, source: Path, batch: str, model: str) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+def encode_batch(  # type: ignore[no-untyped-def]
+    settings, source: Path, batch: str, model: str, after_ingest=None, index_too: bool = True
+) -> tuple[int, float]:
     """Ingest once (untimed), then time encode + index of every chunk through the tasks."""
     from kiban.context import Context
     from kiban.messages import EncodeChunk, IndexShard, IngestBatch
@@ -96,12 +98,15 @@ def encode_batch(settings, source: Path, batch: str, model: str) -> tuple[int, f
     info = ingest_batch(
         IngestBatch(batch_id=batch, source=source.as_uri(), chunk_size=settings.chunk_size), ctx
     )
-    index = vector_index(settings)
+    index = vector_index(settings) if index_too else None
+    if after_ingest is not None:
+        after_ingest()
     t0 = time.perf_counter()
     n = 0
     for chunk in info.chunks:
         meta = encode_chunk(EncodeChunk(batch_id=batch, model=model, chunk=chunk.index), ctx)
-        index_shard(IndexShard(batch_id=batch, model=model, chunk=chunk.index), ctx, index)
+        if index is not None:
+            index_shard(IndexShard(batch_id=batch, model=model, chunk=chunk.index), ctx, index)
         n += meta.n_images
     return n, time.perf_counter() - t0
 
@@ -152,22 +157,41 @@ def efficiency(home: Path, models: list[str], n: int, batch_size: int, threads: 
     return rows
 
 
-def memory_child(home: str, n: int, copies: int, model: str) -> None:
+def _peak_rss_mb() -> float:
+    """VmHWM: this process's peak RSS since the last reset (ru_maxrss survives exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(home: str, n: int, copies: int, model: str, index_too: bool) -> None:
     # its own Qdrant path: local mode allows one process per path
     settings = make_settings(
-        Path(home), batch_size=32, chunk_size=256, qdrant_path=Path(home) / f"qdrant-mem-{copies}"
+        Path(home),
+        batch_size=32,
+        chunk_size=256,
+        qdrant_path=Path(home) / f"qdrant-mem-{copies}-{index_too}",
     )
     src = image_folder(Path(home) / f"mem-{n}-{copies}x", n, copies)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    count, seconds = encode_batch(settings, src, f"mem-{n}-{copies}x", model)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    marks: list[float] = []
+
+    def reset_peak() -> None:  # measure encoding + indexing, not the ingest before it
+        Path("/proc/self/clear_refs").write_text("5")
+        marks.append(_peak_rss_mb())
+
+    batch = f"mem-{n}-{copies}x-{'idx' if index_too else 'enc'}"
+    count, seconds = encode_batch(settings, src, batch, model, reset_peak, index_too)
+    before = marks[0]
+    peak = _peak_rss_mb()
     print(
         json.dumps(
             {
                 "copies": copies,
+                "stage": "encode + index (Qdrant local, in-process)" if index_too else "encode",
                 "images": count,
-                "peak_rss_mb": round(peak / 1024, 1),
-                "rss_before_mb": round(before / 1024, 1),
+                "peak_rss_mb": round(peak, 1),
+                "rss_before_mb": round(before, 1),
                 "seconds": round(seconds, 1),
             }
         )
@@ -175,29 +199,21 @@ def memory_child(home: str, n: int, copies: int, model: str) -> None:
 
 
 def memory(home: Path, n: int, model: str) -> list[dict]:
+    """Peak RSS for 1x and 10x the images: encoding alone, and encoding + local indexing."""
     settings = make_settings(home)
     ensure_models(settings, [model])
     rows = []
-    for copies in (1, 10):
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--memory-child",
-                str(copies),
-                "--images",
-                str(n),
-                "--home",
-                str(home),
-                "--mem-model",
-                model,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    rows[1]["ratio_vs_1x"] = round(rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)
+    for index_too in (False, True):
+        pair = []
+        for copies in (1, 10):
+            argv = [sys.executable, __file__, "--memory-child", str(copies), "--images", str(n),
+                    "--home", str(home), "--mem-model", model]  # fmt: skip
+            if index_too:
+                argv.append("--index-too")
+            out = subprocess.run(argv, check=True, capture_output=True, text=True)
+            pair.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        pair[1]["ratio_vs_1x"] = round(pair[1]["peak_rss_mb"] / pair[0]["peak_rss_mb"], 3)
+        rows += pair
     return rows
 
 
@@ -211,9 +227,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory-child", type=int, default=0)
     ap.add_argument("--mem-model", default="effnet-lite0")
+    ap.add_argument("--index-too", action="store_true")
     args = ap.parse_args()
     if args.memory_child:
-        memory_child(args.home, args.images, args.memory_child, args.mem_model)
+        memory_child(args.home, args.images, args.memory_child, args.mem_model, args.index_too)
         return
     home = Path(args.home or tempfile.mkdtemp(prefix="kiban-bench-"))
     n = 192 if args.quick else args.images
@@ -229,11 +246,13 @@ def main() -> None:
         )
     mem = memory(home, 180 if args.quick else n, args.mem_model)
     print(f"\n## Encoder peak memory vs batch size ({args.mem_model})")
-    print("| batch | images | peak RSS MB | seconds |")
-    print("|---|---|---|---|")
+    print("| stage | batch | images | peak RSS MB | seconds | 10x/1x |")
+    print("|---|---|---|---|---|---|")
     for r in mem:
-        print(f"| {r['copies']}x | {r['images']} | {r['peak_rss_mb']} | {r['seconds']} |")
-    print(f"peak RSS ratio 10x/1x: {mem[1]['ratio_vs_1x']}")
+        print(
+            f"| {r['stage']} | {r['copies']}x | {r['images']} | {r['peak_rss_mb']} "
+            f"| {r['seconds']} | {r.get('ratio_vs_1x', '')} |"
+        )
     (home / "bench-encoder.json").write_text(
         json.dumps({"efficiency": rows, "memory": mem}, indent=2)
     )
