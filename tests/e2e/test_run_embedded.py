@@ -170,3 +170,17 @@ def test_every_command_has_help() -> None:
         result = runner.invoke(app, [*args, "--help"])
         assert result.exit_code == 0, (args, result.output)
         assert "Usage" in result.output
+
+
+def test_models_export_list_show_through_the_cli() -> None:
+    code, out = _kiban("models", "export", "efficientnet-lite0", "--name", "e0")
+    assert code == 0, out
+    assert "published e0" in out and "parity min cosine 1.0000" in out
+    code, out = _kiban("models", "list")
+    assert code == 0 and "e0" in out and "efficientnet-lite0" in out
+    code, out = _kiban("models", "show", "e0")
+    assert code == 0 and '"embedding_dim": 1280' in out
+    code, out = _kiban("models", "export", "onnx:/nowhere.onnx", "--name", "x")
+    assert code == 2  # bring-your-own ONNX needs its input size and normalisation
+    code, out = _kiban("models", "show", "nope")
+    assert code == 2

