@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kiban.settings import Settings, get_settings
@@ -13,7 +13,6 @@ from kiban.store import ObjectStore, open_store
 class Context:
     settings: Settings
     store: ObjectStore
-    _vectors: object | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Context:

@@ -4,6 +4,7 @@ Layout under the store root (documented in docs/architecture.md)::
 
     batches/<batch>/batch.json         BatchInfo: source, counts, chunk plan
     batches/<batch>/records.jsonl      ImageRecord per accepted image, sorted by key
+    batches/<batch>/chunks/chunk-00000.jsonl   the same records, one file per planned chunk
     batches/<batch>/quarantine.jsonl   QuarantineEntry per rejected file
     embeddings/<model>/<batch>/chunk-00000.npz   shard: ids, vectors (+ meta json)
     models/<name>/model.onnx, models/<name>/card.json
@@ -12,7 +13,6 @@ Layout under the store root (documented in docs/architecture.md)::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -97,15 +97,27 @@ def read_records(store: ObjectStore, batch_id: str) -> list[ImageRecord]:
     return load_jsonl(store.get(f"{batch_prefix(batch_id)}/records.jsonl"), ImageRecord)
 
 
+def chunk_records_key(batch_id: str, chunk: int) -> str:
+    return f"{batch_prefix(batch_id)}/chunks/chunk-{chunk:05d}.jsonl"
+
+
+def write_chunk_records(
+    store: ObjectStore, batch_id: str, records: list[ImageRecord], chunks: list[ChunkPlan]
+) -> None:
+    """One small file per chunk, so an encode or index task reads its records only — not
+    the whole batch's list once per chunk."""
+    for plan in chunks:
+        store.put(
+            chunk_records_key(batch_id, plan.index), dump_jsonl(records[plan.start : plan.stop])
+        )
+
+
+def read_chunk_records(store: ObjectStore, batch_id: str, chunk: int) -> list[ImageRecord]:
+    return load_jsonl(store.get(chunk_records_key(batch_id, chunk)), ImageRecord)
+
+
 def read_quarantine(store: ObjectStore, batch_id: str) -> list[QuarantineEntry]:
     return load_jsonl(store.get(f"{batch_prefix(batch_id)}/quarantine.jsonl"), QuarantineEntry)
-
-
-def write_json(store: ObjectStore, key: str, obj: BaseModel | dict) -> None:
-    if isinstance(obj, BaseModel):
-        store.put(key, obj.model_dump_json(indent=2).encode())
-    else:
-        store.put(key, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def report_prefix(batch_id: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kiban.cli.main import app
-from kiban.records import read_quarantine, read_records
+from kiban.records import read_batch_info, read_chunk_records, read_quarantine, read_records
 from kiban.settings import load_settings
 from kiban.store import open_store
 from kiban.synthetic import generate_texture_dataset, problem_files
@@ -65,6 +65,10 @@ def test_run_reports_quarantines_and_is_idempotent(
     assert "MV@5 macro-F1" in out and "effnet-lite0" in out
 
     records = read_records(store, "b1")
+    info = read_batch_info(store, "b1")
+    assert len(info.chunks) == 3  # 74 records in chunks of 32
+    chunked = [r for c in info.chunks for r in read_chunk_records(store, "b1", c.index)]
+    assert chunked == records  # each task reads only its own chunk's file
     quarantine = {q.key: q.reason for q in read_quarantine(store, "b1")}
     planted = {f"checker/zz-{p.name}": p.expect for p in problem_files()}
     for key, expect in planted.items():

@@ -10,7 +10,7 @@ import numpy as np
 from kiban.context import Context
 from kiban.messages import EncodeChunk
 from kiban.models.registry import fetch_model, load_card
-from kiban.records import read_batch_info, read_records
+from kiban.records import read_batch_info, read_chunk_records
 from kiban.telemetry import ENCODE_THROUGHPUT, IMAGES_ENCODED
 from kiban_encoder.reader import decoded_batches
 from kiban_encoder.session import load_model
@@ -33,11 +33,9 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
         return existing
 
     info = read_batch_info(ctx.store, msg.batch_id)
-    plans = {c.index: c for c in info.chunks}
-    if msg.chunk not in plans:
-        raise ValueError(f"batch {msg.batch_id} has no chunk {msg.chunk} (has {len(plans)})")
-    plan = plans[msg.chunk]
-    records = read_records(ctx.store, msg.batch_id)[plan.start : plan.stop]
+    if msg.chunk not in {c.index for c in info.chunks}:
+        raise ValueError(f"batch {msg.batch_id} has no chunk {msg.chunk} (has {len(info.chunks)})")
+    records = read_chunk_records(ctx.store, msg.batch_id, msg.chunk)
 
     s = ctx.settings
     model = load_model(

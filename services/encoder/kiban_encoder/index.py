@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiban.context import Context
 from kiban.messages import IndexShard
-from kiban.records import read_batch_info, read_records
+from kiban.records import read_batch_info, read_chunk_records
 from kiban.telemetry import POINTS_UPSERTED
 from kiban.vectors import VectorIndex
 from kiban_encoder.shards import read_shard
@@ -15,7 +15,7 @@ def index_shard(msg: IndexShard, ctx: Context, index: VectorIndex) -> int:
     sha256s, keys, vectors = read_shard(ctx.store, msg.model, msg.batch_id, msg.chunk)
     if not sha256s:
         return 0
-    by_key = {r.key: r for r in read_records(ctx.store, msg.batch_id)}
+    by_key = {r.key: r for r in read_chunk_records(ctx.store, msg.batch_id, msg.chunk)}
     source = read_batch_info(ctx.store, msg.batch_id).source
     payloads = []
     for key in keys:

@@ -50,6 +50,7 @@ from kiban.records import (
     QuarantineEntry,
     batch_prefix,
     dump_jsonl,
+    write_chunk_records,
 )
 from kiban.store import ObjectInfo, ObjectStore, safe_key
 from kiban_ingest.labels import LabelEntry, ManifestError, folder_label, parse_manifest
@@ -155,6 +156,7 @@ def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
     info = _keep_created_at(ctx.store, prefix, info, records_bytes, quarantine_bytes)
 
     ctx.store.put(f"{prefix}/records.jsonl", records_bytes)
+    write_chunk_records(ctx.store, msg.batch_id, records, chunks)
     ctx.store.put(f"{prefix}/quarantine.jsonl", quarantine_bytes)
     if any(i.unreadable for i in inspected):
         ctx.store.delete(f"{prefix}/ingest.json")  # a re-run must retry those objects
