@@ -23,7 +23,7 @@ from kiban.messages import EvaluateBatch, EvaluationProtocol, IngestBatch, RunPl
 from kiban.models.registry import load_card
 from kiban.records import report_prefix, report_versions
 from kiban.settings import Settings, use_settings
-from kiban.status import BatchStatus, batch_status
+from kiban.status import BatchStatus, batch_status, letter_batch, read_dead_letter
 from kiban.store import ObjectStore, open_store
 from kiban.workflow import dispatch, evaluation_request_id
 
@@ -44,6 +44,25 @@ def find_report(store: ObjectStore, batch_id: str, request_id: str) -> dict[str,
         if report.get("request_id") == request_id:
             return dict(report)
     return None
+
+
+class DeadLetterWatch:
+    """New dead letters about one batch, reading each stored letter once (cheap to poll)."""
+
+    def __init__(self, store: ObjectStore, batch_id: str) -> None:
+        self.store, self.batch_id = store, batch_id
+        self.seen = {info.key for info in store.list("deadletter")}
+
+    def new_reasons(self) -> list[str]:
+        reasons = []
+        for info in self.store.list("deadletter"):
+            if info.key in self.seen:
+                continue
+            self.seen.add(info.key)
+            letter = read_dead_letter(self.store, info.key)
+            if letter_batch(letter) == self.batch_id:
+                reasons.append(f"{letter['task']}: {letter['reason']}")
+        return reasons
 
 
 def run_batch(
@@ -78,6 +97,7 @@ def run_batch(
         plan=plan,
     )
     request_id = evaluation_request_id(batch_id, plan)
+    dead_letters = DeadLetterWatch(store, batch_id)
 
     errors: list[BaseException] = []
     if settings.mode == "embedded":
@@ -100,9 +120,12 @@ def run_batch(
     while True:
         running = alive()
         if progress is not None:
-            progress(batch_status(store, batch_id, models))
+            progress(batch_status(store, batch_id, models, count_dead_letters=False))
         if errors:
             raise errors[0]
+        failed = dead_letters.new_reasons()
+        if failed:  # a stage gave up on this batch: say why instead of waiting for the timeout
+            raise KibanError(f"batch {batch_id} failed — dead-lettered {'; '.join(failed)}")
         report = find_report(store, batch_id, request_id)
         if report is not None and (not running or settings.mode == "distributed"):
             return report

@@ -7,6 +7,7 @@ indexed = the index task's marker exists; evaluated = a report version exists.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -44,17 +45,36 @@ def _count(store: ObjectStore, prefix: str) -> int:
     return sum(1 for _ in store.list(prefix))
 
 
+def letter_batch(letter: dict[str, Any]) -> str | None:
+    """The batch a dead-lettered message was about, when its payload names one."""
+    payload = letter.get("payload")
+    if isinstance(payload, dict) and isinstance(payload.get("kwargs"), dict):
+        payload = payload["kwargs"].get("message")  # wrong arguments: the raw call
+    batch = payload.get("batch_id") if isinstance(payload, dict) else None
+    return batch if isinstance(batch, str) else None
+
+
+def read_dead_letter(store: ObjectStore, key: str) -> dict[str, Any]:
+    return dict(json.loads(store.get(key)))
+
+
 def dead_letter_count(store: ObjectStore, batch_id: str | None = None) -> int:
     if batch_id is None:
         return _count(store, "deadletter")
-    n = 0
-    for info in store.list("deadletter"):
-        if batch_id in store.get(info.key).decode(errors="replace"):
-            n += 1
-    return n
+    return sum(
+        1
+        for info in store.list("deadletter")
+        if letter_batch(read_dead_letter(store, info.key)) == batch_id
+    )
 
 
-def batch_status(store: ObjectStore, batch_id: str, models: list[str] | None = None) -> BatchStatus:
+def batch_status(
+    store: ObjectStore,
+    batch_id: str,
+    models: list[str] | None = None,
+    count_dead_letters: bool = True,
+) -> BatchStatus:
+    """``count_dead_letters=False`` skips reading every dead letter (progress polling)."""
     try:
         info = read_batch_info(store, batch_id)
     except StoreError:
@@ -95,7 +115,7 @@ def batch_status(store: ObjectStore, batch_id: str, models: list[str] | None = N
         chunks=len(info.chunks),
         models=progress,
         report_versions=versions,
-        dead_letters=dead_letter_count(store, batch_id),
+        dead_letters=dead_letter_count(store, batch_id) if count_dead_letters else 0,
     )
 
 
@@ -126,10 +146,10 @@ def recent_dead_letters(
     keys = sorted((i.key for i in store.list("deadletter")), key=lambda k: k.rsplit("/", 1)[-1])
     letters = []
     for key in reversed(keys):
-        text = store.get(key).decode(errors="replace")
-        if batch_id is not None and batch_id not in text:
+        letter = read_dead_letter(store, key)
+        if batch_id is not None and letter_batch(letter) != batch_id:
             continue
-        letters.append(json.loads(text))
+        letters.append(letter)
         if len(letters) >= limit:
             break
     return letters

@@ -308,7 +308,7 @@ def test_bad_and_failing_messages_are_dead_lettered(
         time.sleep(0.3)
     letters = [json.loads(store.get(i.key)) for i in store.list("deadletter")]
     reasons = " | ".join(letter["reason"] for letter in letters)
-    assert "batch_id" in reasons and "escapes" not in reasons or "pattern" in reasons
+    assert "invalid IngestBatch message: batch_id: String should match pattern" in reasons
     assert "exactly one keyword argument 'message'" in reasons
     assert "missing-1" in json.dumps([letter["payload"] for letter in letters])
     time.sleep(1)
@@ -323,6 +323,24 @@ def test_bad_and_failing_messages_are_dead_lettered(
     )
     assert out.returncode == 0, out.stderr
     assert "dead letters:" in out.stdout
+
+
+def test_run_reports_a_failed_batch_instead_of_waiting(
+    stack: LocalStack, client_settings: Settings, tmp_path: Path
+) -> None:
+    """A distributed `kiban run` whose ingest is dead-lettered fails at once with the reason."""
+    from kiban.errors import KibanError
+
+    started = time.monotonic()
+    with pytest.raises(KibanError, match="dead-lettered kiban.ingest.batch: .*no such directory"):
+        run_batch(
+            client_settings,
+            (tmp_path / "missing").as_uri(),
+            MODELS,
+            batch_id="gone-1",
+            timeout=120,
+        )
+    assert time.monotonic() - started < 60
 
 
 def test_zz_no_secret_in_logs_status_or_reports(
