@@ -20,6 +20,7 @@ from kiban.messages import EvaluateBatch
 from kiban.models.registry import load_card
 from kiban.records import (
     BatchInfo,
+    ImageRecord,
     latest_report_version,
     read_batch_info,
     read_quarantine,
@@ -111,6 +112,14 @@ def resolve_history(
     return infos, discovered, warnings
 
 
+def _load_rows(
+    ctx: Context, info: BatchInfo, records: list[ImageRecord], models: list[str]
+) -> tuple[list[EvalRow], dict[str, np.ndarray], int]:
+    """A batch's stored embeddings for every model, restricted to images all models encoded."""
+    per_model = {m: load_batch_embeddings(ctx.store, info, records, m) for m in models}
+    return _common_rows(info.batch_id, per_model)
+
+
 def _common_rows(
     batch_id: str, per_model: dict[str, BatchEmbeddings]
 ) -> tuple[list[EvalRow], dict[str, np.ndarray], int]:
@@ -144,10 +153,10 @@ def evaluate_batch(msg: EvaluateBatch, ctx: Context) -> Report:
         warnings.append("batch has no labels: embedded and indexed, not scored")
 
     cards = {m: load_card(ctx.store, m) for m in msg.models}
-    current = {m: load_batch_embeddings(ctx.store, info, records, m) for m in msg.models}
 
     # Rows: this batch (and, cross-batch, the history), sorted by (batch, key).
     parts: list[tuple[str, list[EvalRow], dict[str, np.ndarray]]] = []
+    current = {m: load_batch_embeddings(ctx.store, info, records, m) for m in msg.models}
     rows_cur, vecs_cur, n_left_out = _common_rows(msg.batch_id, current)
     if n_left_out:
         warnings.append(
@@ -162,10 +171,7 @@ def evaluate_batch(msg: EvaluateBatch, ctx: Context) -> Report:
         warnings.extend(hist_warnings)
         for other in infos:
             other_records = read_records(ctx.store, other.batch_id)
-            embs = {
-                m: load_batch_embeddings(ctx.store, other, other_records, m) for m in msg.models
-            }
-            hrows, hvecs, hleft = _common_rows(other.batch_id, embs)
+            hrows, hvecs, hleft = _load_rows(ctx, other, other_records, msg.models)
             if hleft:
                 warnings.append(
                     f"cross-batch: {hleft} images of {other.batch_id} are not encoded by every "
