@@ -120,7 +120,7 @@ def run_batch(
     while True:
         running = alive()
         if progress is not None:
-            progress(batch_status(store, batch_id, models, count_dead_letters=False))
+            progress(batch_status(store, batch_id, models, detailed=False))
         if errors:
             raise errors[0]
         failed = dead_letters.new_reasons()
@@ -151,7 +151,7 @@ def evaluate_stored(
     store = open_store(
         settings.resolved_store_uri, settings.s3_endpoint_url, settings.s3_region, create=True
     )
-    status = batch_status(store, batch_id, models)
+    status = batch_status(store, batch_id, models, detailed=False)
     if not status.ingested:
         raise KibanError(f"no batch {batch_id!r} in {store.uri}")
     for progress in status.models:

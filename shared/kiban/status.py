@@ -21,8 +21,8 @@ class ModelProgress(BaseModel):
     chunks: int
     encoded: int
     indexed: int
-    images_encoded: int
-    encode_failures: int
+    images_encoded: int | None = None  # None: not read (a progress poll)
+    encode_failures: int | None = None
 
 
 class BatchStatus(BaseModel):
@@ -72,9 +72,10 @@ def batch_status(
     store: ObjectStore,
     batch_id: str,
     models: list[str] | None = None,
-    count_dead_letters: bool = True,
+    detailed: bool = True,
 ) -> BatchStatus:
-    """``count_dead_letters=False`` skips reading every dead letter (progress polling)."""
+    """Where the batch stands. ``detailed=False`` only lists keys — no shard metadata or
+    dead letter is read — so a progress bar can poll it cheaply on a large batch."""
     try:
         info = read_batch_info(store, batch_id)
     except StoreError:
@@ -89,22 +90,20 @@ def batch_status(
         )
     progress = []
     for model in models:
-        metas = [
-            json.loads(store.get(i.key))
-            for i in store.list(f"embeddings/{model}/{batch_id}")
-            if i.key.endswith(".json")
+        meta_keys = [
+            i.key for i in store.list(f"embeddings/{model}/{batch_id}") if i.key.endswith(".json")
         ]
-        indexed = _count(store, f"{batch_prefix(batch_id)}/progress/indexed/{model}")
-        progress.append(
-            ModelProgress(
-                model=model,
-                chunks=len(info.chunks),
-                encoded=len(metas),
-                indexed=indexed,
-                images_encoded=sum(m["n_images"] for m in metas),
-                encode_failures=sum(len(m["failures"]) for m in metas),
-            )
+        entry = ModelProgress(
+            model=model,
+            chunks=len(info.chunks),
+            encoded=len(meta_keys),
+            indexed=_count(store, f"{batch_prefix(batch_id)}/progress/indexed/{model}"),
         )
+        if detailed:
+            metas = [json.loads(store.get(key)) for key in meta_keys]
+            entry.images_encoded = sum(m["n_images"] for m in metas)
+            entry.encode_failures = sum(len(m["failures"]) for m in metas)
+        progress.append(entry)
     versions = report_versions(store, batch_id)
     return BatchStatus(
         batch_id=batch_id,
@@ -115,7 +114,7 @@ def batch_status(
         chunks=len(info.chunks),
         models=progress,
         report_versions=versions,
-        dead_letters=dead_letter_count(store, batch_id) if count_dead_letters else 0,
+        dead_letters=dead_letter_count(store, batch_id) if detailed else 0,
     )
 
 

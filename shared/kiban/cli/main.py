@@ -154,7 +154,9 @@ def evaluate(
 
     settings, store = settings_and_store()
     names = (
-        _split_models(models) if models else [m.model for m in batch_status(store, batch).models]
+        _split_models(models)
+        if models
+        else [m.model for m in batch_status(store, batch, detailed=False).models]
     )
     if not names:
         raise KibanError(f"batch {batch!r} has no stored embeddings")
