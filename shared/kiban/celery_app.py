@@ -1,8 +1,9 @@
 """The one Celery app every service registers its tasks on.
 
 Celery on Redis is the only way services talk to each other. The embedded default runs
-the very same tasks in-process (``task_always_eager``), so there is one code path. Task
-modules are found by name, so this library never imports a service.
+the very same tasks from an in-process queue (``kiban.local_queue``), so there is one code
+path. Routing comes from the message registry (``kiban.messages``); task modules are found
+by name, so this library never imports a service.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.util
 
 from celery import Celery
 
+from kiban.messages import task_queues
 from kiban.settings import Settings, get_settings
 
 # Each service's task module; a container only has its own service installed.
@@ -19,20 +21,9 @@ SERVICE_TASK_MODULES = ("kiban_ingest.tasks", "kiban_encoder.tasks", "kiban_repo
 
 app = Celery("kiban")
 
-# Default queue of each task; encode tasks may be routed to a pool (settings.encode_pools).
-TASK_QUEUES: dict[str, str] = {
-    "kiban.ingest.batch": "ingest",
-    "kiban.ingest.nightly": "ingest",
-    "kiban.encoder.encode_chunk": "encode",
-    "kiban.encoder.index_shard": "index",
-    "kiban.encoder.reindex_model": "index",
-    "kiban.reporter.evaluate_batch": "report",
-    "kiban.reporter.export_report": "report",
-}
-
 
 def configure(settings: Settings | None = None) -> Celery:
-    """Apply settings to the app: JSON only, late acks, prefetch 1, eager when embedded."""
+    """Apply settings to the app: JSON only, late acks, prefetch 1, routes from messages."""
     settings = settings or get_settings()
     app.conf.update(
         broker_url=settings.broker_url,
@@ -58,12 +49,10 @@ def configure(settings: Settings | None = None) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+        task_routes={name: {"queue": queue} for name, queue in task_queues().items()},
         task_default_queue="ingest",
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        task_always_eager=settings.mode == "embedded",
-        task_eager_propagates=True,
     )
     return app
 

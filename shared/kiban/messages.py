@@ -1,16 +1,22 @@
-"""Queue messages: small, versioned, validated.
+"""Queue messages: small, versioned, validated — and the one registry of them.
 
 A message names work (batch, model, chunk) and never carries images or vectors; those
-live in the object store. Any Celery producer can send these as JSON keyword argument
-``message`` to the task named in ``TASK_NAMES``.
+live in the object store. Any Celery producer can send one as the JSON keyword argument
+``message`` to the message class's ``task`` on its ``queue``.
+
+Each message class carries its task name, queue and serving service, so routing,
+dispatch, the workers' queues and the README's message section are all derived from
+``registry()``: adding a message is one class here plus its handler in a service's
+``tasks.py`` (``@kiban_task(NewMessage)``).
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from kiban.errors import InvalidMessageError
 
@@ -18,10 +24,48 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
+if TYPE_CHECKING:
+    from kiban.settings import Settings
+
+_REGISTRY: dict[str, type[Message]] = {}
+M = TypeVar("M", bound="Message")
+
+
 class Message(BaseModel):
+    """Base of every queue message; concrete subclasses register themselves by ``kind``.
+
+    A concrete message declares ``kind`` (a Literal with a default) and the class
+    variables below; abstract bases (no ``task``) are not registered.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    task: ClassVar[str] = ""  # Celery task name, e.g. "kiban.encoder.encode_chunk"
+    queue: ClassVar[str] = ""  # default queue
+    service: ClassVar[str] = ""  # the worker (`kiban worker SERVICE`) that serves it
+    example: ClassVar[dict[str, Any]] = {}  # fields of the README's example
+
     version: Literal[1] = 1
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if not cls.task or cls.__module__ != __name__:
+            return  # an abstract base, or a test's private message: not part of the contract
+        kind = cls.model_fields["kind"].default
+        if not isinstance(kind, str) or not (cls.queue and cls.service):
+            raise TypeError(f"{cls.__name__} needs a default kind, a queue and a service")
+        if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+            raise TypeError(f"message kind {kind!r} registered twice")
+        _REGISTRY[kind] = cls
+
+    @property
+    def message_kind(self) -> str:
+        return str(getattr(self, "kind"))  # noqa: B009 - every registered message has one
+
+    def route(self, settings: Settings) -> str:
+        """The queue this message goes to (a message may route by its content)."""
+        return self.queue
 
 
 class EvaluationProtocol(BaseModel):
@@ -74,6 +118,16 @@ class RunPlan(BaseModel):
 class IngestBatch(Message):
     """List, validate and label a source prefix as batch ``batch_id``, then run ``plan``."""
 
+    task: ClassVar[str] = "kiban.ingest.batch"
+    queue: ClassVar[str] = "ingest"
+    service: ClassVar[str] = "ingest"
+    example: ClassVar[dict[str, Any]] = {
+        "batch_id": "night-2026-11-28",
+        "source": "s3://images/incoming/2026-11-28/",
+        "manifest": "s3://images/incoming/2026-11-28/manifest.csv",
+        "plan": {"models": ["kimianet", "plip"]},
+    }
+
     kind: Literal["ingest_batch"] = "ingest_batch"
     batch_id: Name
     source: str = Field(min_length=1, description="file:///dir or s3://bucket/prefix")
@@ -82,28 +136,52 @@ class IngestBatch(Message):
     plan: RunPlan = Field(default_factory=RunPlan)
 
 
-class EncodeChunk(Message):
+class ChunkMessage(Message):
+    """One planned chunk of a batch with one model: the unit of encoder and indexer work."""
+
+    batch_id: Name
+    model: Name
+    chunk: int = Field(ge=0)
+    plan: RunPlan | None = None
+
+
+class EncodeChunk(ChunkMessage):
     """Encode one planned chunk of a batch with one model and write one shard."""
 
+    task: ClassVar[str] = "kiban.encoder.encode_chunk"
+    queue: ClassVar[str] = "encode"
+    service: ClassVar[str] = "encoder"
+    example: ClassVar[dict[str, Any]] = {"batch_id": "night-2026-11-28", "model": "plip", "chunk": 0}
+
     kind: Literal["encode_chunk"] = "encode_chunk"
-    batch_id: Name
-    model: Name
-    chunk: int = Field(ge=0)
-    plan: RunPlan | None = None
+
+    def route(self, settings: Settings) -> str:
+        """Encoder pools: ``KIBAN_ENCODE_POOLS`` sends a model's chunks to ``encode.<pool>``."""
+        return settings.encode_queue_for(self.model)
 
 
-class IndexShard(Message):
+class IndexShard(ChunkMessage):
     """Upsert one stored shard into the model's Qdrant collection."""
 
+    task: ClassVar[str] = "kiban.encoder.index_shard"
+    queue: ClassVar[str] = "index"
+    service: ClassVar[str] = "indexer"
+    example: ClassVar[dict[str, Any]] = {"batch_id": "night-2026-11-28", "model": "plip", "chunk": 0}
+
     kind: Literal["index_shard"] = "index_shard"
-    batch_id: Name
-    model: Name
-    chunk: int = Field(ge=0)
-    plan: RunPlan | None = None
 
 
 class EvaluateBatch(Message):
     """Compute the retrieval and cost report of a batch for some models."""
+
+    task: ClassVar[str] = "kiban.reporter.evaluate_batch"
+    queue: ClassVar[str] = "report"
+    service: ClassVar[str] = "reporter"
+    example: ClassVar[dict[str, Any]] = {
+        "batch_id": "night-2026-11-28",
+        "models": ["kimianet", "plip"],
+        "protocol": {"name": "leave-one-group-out"},
+    }
 
     kind: Literal["evaluate_batch"] = "evaluate_batch"
     batch_id: Name
@@ -118,6 +196,11 @@ class EvaluateBatch(Message):
 class NightlyRun(Message):
     """Sent by the schedule: ingest and evaluate the night's prefix (KIBAN_SCHEDULE_*)."""
 
+    task: ClassVar[str] = "kiban.ingest.nightly"
+    queue: ClassVar[str] = "ingest"
+    service: ClassVar[str] = "ingest"
+    example: ClassVar[dict[str, Any]] = {"date": "2026-11-28"}
+
     kind: Literal["nightly_run"] = "nightly_run"
     date: str | None = Field(
         None, pattern=r"^\d{4}-\d{2}-\d{2}$", description="YYYY-MM-DD; default: today (UTC)"
@@ -127,6 +210,11 @@ class NightlyRun(Message):
 class ReindexModel(Message):
     """Re-upsert a model's stored shards into Qdrant (no re-encoding)."""
 
+    task: ClassVar[str] = "kiban.encoder.reindex_model"
+    queue: ClassVar[str] = "index"
+    service: ClassVar[str] = "indexer"
+    example: ClassVar[dict[str, Any]] = {"model": "plip"}
+
     kind: Literal["reindex_model"] = "reindex_model"
     model: Name
     batches: list[Name] = Field(default_factory=list, description="Default: every batch.")
@@ -135,47 +223,74 @@ class ReindexModel(Message):
 class ExportReport(Message):
     """Copy a batch's report (JSON + Markdown) to another object-store prefix."""
 
+    task: ClassVar[str] = "kiban.reporter.export_report"
+    queue: ClassVar[str] = "report"
+    service: ClassVar[str] = "reporter"
+    example: ClassVar[dict[str, Any]] = {"batch_id": "night-2026-11-28", "destination": "s3://reports-team/kiban/"}
+
     kind: Literal["export_report"] = "export_report"
     batch_id: Name
     report_version: str | None = Field(None, pattern=r"^\d{4}$", description="Default: the latest.")
     destination: str = Field(min_length=1, description="file:///dir or s3://bucket/prefix")
 
 
-TASK_NAMES: dict[str, str] = {
-    "ingest_batch": "kiban.ingest.batch",
-    "encode_chunk": "kiban.encoder.encode_chunk",
-    "index_shard": "kiban.encoder.index_shard",
-    "evaluate_batch": "kiban.reporter.evaluate_batch",
-    "nightly_run": "kiban.ingest.nightly",
-    "reindex_model": "kiban.encoder.reindex_model",
-    "export_report": "kiban.reporter.export_report",
-}
-
-_MODELS: dict[str, type[Message]] = {
-    "ingest_batch": IngestBatch,
-    "encode_chunk": EncodeChunk,
-    "index_shard": IndexShard,
-    "evaluate_batch": EvaluateBatch,
-    "nightly_run": NightlyRun,
-    "reindex_model": ReindexModel,
-    "export_report": ExportReport,
-}
+def registry() -> dict[str, type[Message]]:
+    """Every message kind and its class, in definition order (the README documents each)."""
+    return dict(_REGISTRY)
 
 
-def message_types() -> dict[str, type[Message]]:
-    """Every message kind and its schema (the README documents each with an example)."""
-    return dict(_MODELS)
+def by_task(task: str) -> type[Message] | None:
+    """The message class a Celery task name serves, if any."""
+    return next((cls for cls in _REGISTRY.values() if cls.task == task), None)
 
 
-def parse_message(payload: Any, expected: type[Message]) -> Message:
+def task_queues() -> dict[str, str]:
+    """Task name → default queue, for Celery's routing table."""
+    return {cls.task: cls.queue for cls in _REGISTRY.values()}
+
+
+def service_queues(service: str) -> tuple[str, ...]:
+    """The queues a service's worker consumes by default, in registry order."""
+    return tuple(dict.fromkeys(c.queue for c in _REGISTRY.values() if c.service == service))
+
+
+def services() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(c.service for c in _REGISTRY.values()))
+
+
+def _format_errors(name: str, exc: ValidationError) -> InvalidMessageError:
+    reasons = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+    )
+    return InvalidMessageError(f"invalid {name} message: {reasons}")
+
+
+def parse_message(payload: Any, expected: type[M]) -> M:
     """Validate ``payload`` as ``expected``; raise InvalidMessageError with the reason."""
     try:
         return expected.model_validate(payload)
     except ValidationError as exc:
-        reasons = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
-        )
-        raise InvalidMessageError(f"invalid {expected.__name__} message: {reasons}") from None
+        raise _format_errors(expected.__name__, exc) from None
+
+
+@functools.cache
+def _union_adapter(kinds: tuple[type[Message], ...]) -> TypeAdapter[Any]:
+    union = Union[kinds]  # type: ignore[valid-type]  # noqa: UP007 - built from the registry
+    return TypeAdapter(Annotated[union, Field(discriminator="kind")])
+
+
+def parse_any(payload: Any) -> Message:
+    """Validate a message of any registered kind, chosen by its ``kind`` field.
+
+    The union is discriminated by ``kind``, so the reason names the one schema that was
+    meant, not every schema that failed.
+    """
+    try:
+        message = _union_adapter(tuple(_REGISTRY.values())).validate_python(payload)
+    except ValidationError as exc:
+        raise _format_errors("queue", exc) from None
+    assert isinstance(message, Message)
+    return message
 
 
 def is_valid_name(value: str) -> bool:

@@ -1,9 +1,11 @@
 """Run one batch to its report: send the trigger, follow progress in the stores.
 
 ``kiban run`` sends the same IngestBatch trigger an operations team would put on the
-queue; the stages chain themselves (see ``kiban.workflow``). Embedded, Celery runs the
-chain in this process (in a background thread, so progress can be shown); distributed,
-workers run it and this function only watches the stores.
+queue; the stages chain themselves (see ``kiban.workflow``). Embedded, the in-process
+queue runs the chain in this process (in a background thread, so progress can be
+shown); distributed, workers run it and this function only watches the stores. Either
+way a chunk that fails for good is stated in the report; a batch-level failure (ingest,
+evaluation) ends the run at once with the dead letter's reason.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from typing import Any
 
 from kiban.celery_app import configure, load_service_tasks
 from kiban.errors import KibanError
-from kiban.messages import EvaluateBatch, EvaluationProtocol, IngestBatch, RunPlan
+from kiban.messages import (
+    ChunkMessage,
+    EvaluateBatch,
+    EvaluationProtocol,
+    IngestBatch,
+    RunPlan,
+    by_task,
+)
 from kiban.models.registry import load_card
 from kiban.records import report_prefix, report_versions
 from kiban.settings import Settings, use_settings
@@ -46,8 +55,14 @@ def find_report(store: ObjectStore, batch_id: str, request_id: str) -> dict[str,
     return None
 
 
+def dooms_batch(task: str) -> bool:
+    """A failed chunk leaves the rest of its batch to finish; any other failed stage does not."""
+    kind = by_task(task)
+    return kind is None or not issubclass(kind, ChunkMessage)
+
+
 class DeadLetterWatch:
-    """New dead letters about one batch, reading each stored letter once (cheap to poll)."""
+    """New batch-level dead letters about one batch, each stored letter read once."""
 
     def __init__(self, store: ObjectStore, batch_id: str) -> None:
         self.store, self.batch_id = store, batch_id
@@ -60,7 +75,7 @@ class DeadLetterWatch:
                 continue
             self.seen.add(info.key)
             letter = read_dead_letter(self.store, info.key)
-            if letter_batch(letter) == self.batch_id:
+            if letter_batch(letter) == self.batch_id and dooms_batch(str(letter.get("task"))):
                 reasons.append(f"{letter['task']}: {letter['reason']}")
         return reasons
 
@@ -155,7 +170,7 @@ def evaluate_stored(
     if not status.ingested:
         raise KibanError(f"no batch {batch_id!r} in {store.uri}")
     for progress in status.models:
-        if progress.encoded < progress.chunks:
+        if progress.encoded + progress.failed < progress.chunks:
             raise KibanError(
                 f"batch {batch_id!r} has {progress.encoded}/{progress.chunks} chunks encoded "
                 f"with {progress.model!r}; run it first (kiban run)"
@@ -166,9 +181,13 @@ def evaluate_stored(
     )
     if settings.mode == "embedded":
         load_service_tasks()
+    dead_letters = DeadLetterWatch(store, batch_id)
     dispatch(message, settings)
     deadline = time.monotonic() + timeout
     while (report := find_report(store, batch_id, request_id)) is None:
+        failed = dead_letters.new_reasons()
+        if failed:
+            raise KibanError(f"evaluation of {batch_id} failed — dead-lettered {'; '.join(failed)}")
         if settings.mode == "embedded" or time.monotonic() > deadline:
             raise KibanError(f"evaluation of {batch_id} wrote no report")
         time.sleep(poll_seconds)

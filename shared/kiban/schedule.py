@@ -36,7 +36,7 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
     minute, hour, day_of_month, month_of_year, day_of_week = settings.schedule_cron.split()
     return {
         "kiban-nightly": {
-            "task": "kiban.ingest.nightly",
+            "task": NightlyRun.task,
             "schedule": crontab(
                 minute=minute,
                 hour=hour,
@@ -45,6 +45,6 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
                 day_of_week=day_of_week,
             ),
             "kwargs": {"message": NightlyRun().model_dump(mode="json")},
-            "options": {"queue": "ingest"},
+            "options": {"queue": NightlyRun.queue},
         }
     }

@@ -89,8 +89,14 @@ class Settings(BaseSettings):
     task_retries: int = Field(
         5, ge=0, le=50, description="Retries of a task after a transient S3/Qdrant/Redis error."
     )
-    retry_backoff_seconds: float = Field(
-        1.0, gt=0, le=600, description="First retry delay; doubles each retry (max 60 s)."
+    retry_backoff_seconds: int = Field(
+        1,
+        ge=1,
+        le=600,
+        description=(
+            "Backoff factor of task retries in whole seconds (Celery retry_backoff): the n-th "
+            "retry waits a random time up to factor x 2^n, at most 60 s. Read at worker start."
+        ),
     )
     visibility_timeout: int = Field(
         6 * 3600,

@@ -1,7 +1,8 @@
 """Where a batch stands, read from the stores alone: any process can answer it.
 
-Ingested = batch.json exists; encoded = a complete shard (its meta file) exists;
-indexed = the index task's marker exists; evaluated = a report version exists.
+Ingested = batch.json exists; encoded = a complete shard (``kiban.shards``) exists;
+indexed = the index task's marker exists; failed = a stage gave up on the chunk
+(``kiban.progress``); evaluated = a report version exists.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from kiban.errors import StoreError
-from kiban.records import batch_prefix, read_batch_info, report_versions
+from kiban.progress import failed_chunks, indexed_chunks
+from kiban.records import read_batch_info, report_versions
+from kiban.shards import list_shards, read_meta
 from kiban.store import ObjectStore
 
 
@@ -21,6 +24,7 @@ class ModelProgress(BaseModel):
     chunks: int
     encoded: int
     indexed: int
+    failed: int = 0  # chunks dead-lettered for good
     images_encoded: int | None = None  # None: not read (a progress poll)
     encode_failures: int | None = None
 
@@ -81,28 +85,21 @@ def batch_status(
     except StoreError:
         return BatchStatus(batch_id=batch_id, ingested=False)
     if models is None:
-        models = sorted(
-            {
-                i.key.split("/")[1]
-                for i in store.list("embeddings")
-                if i.key.split("/")[2] == batch_id
-            }
-        )
+        models = sorted({ref.model for ref in list_shards(store) if ref.batch_id == batch_id})
     progress = []
     for model in models:
-        meta_keys = [
-            i.key for i in store.list(f"embeddings/{model}/{batch_id}") if i.key.endswith(".json")
-        ]
+        shards = list(list_shards(store, model, batch_id))
         entry = ModelProgress(
             model=model,
             chunks=len(info.chunks),
-            encoded=len(meta_keys),
-            indexed=_count(store, f"{batch_prefix(batch_id)}/progress/indexed/{model}"),
+            encoded=len(shards),
+            indexed=len(indexed_chunks(store, batch_id, model)),
+            failed=len(failed_chunks(store, batch_id, model)),
         )
         if detailed:
-            metas = [json.loads(store.get(key)) for key in meta_keys]
-            entry.images_encoded = sum(m["n_images"] for m in metas)
-            entry.encode_failures = sum(len(m["failures"]) for m in metas)
+            metas = [read_meta(store, model, batch_id, ref.chunk) for ref in shards]
+            entry.images_encoded = sum(m.n_images for m in metas if m is not None)
+            entry.encode_failures = sum(len(m.failures) for m in metas if m is not None)
         progress.append(entry)
     versions = report_versions(store, batch_id)
     return BatchStatus(

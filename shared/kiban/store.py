@@ -2,11 +2,13 @@
 
 The embedded default keeps everything in a directory (``file://``); the distributed
 deployment points the same code at S3 (AWS, MinIO, SeaweedFS) through boto3. Keys are
-always relative to the configured prefix and can never escape it.
+always relative to the configured prefix and can never escape it. S3 errors that mean
+"try again later" leave this module as ``kiban.transient.TransientError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import tempfile
@@ -17,6 +19,7 @@ from typing import Protocol
 from urllib.parse import unquote, urlparse
 
 from kiban.errors import StoreError
+from kiban.transient import s3_is_transient, translated
 
 
 @dataclass(frozen=True)
@@ -140,13 +143,19 @@ class S3Store:
         if create_bucket:
             self._ensure_bucket()
 
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return translated(f"S3 {self.uri}", s3_is_transient)
+
     def _ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError
 
-        try:
-            self._s3.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self._s3.create_bucket(Bucket=self.bucket)
+        with self._errors():
+            try:
+                self._s3.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if s3_is_transient(exc):
+                    raise
+                self._s3.create_bucket(Bucket=self.bucket)
 
     def _key(self, key: str) -> str:
         key = safe_key(key)
@@ -156,8 +165,9 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         try:
-            body = self._s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-            return bytes(body.read())
+            with self._errors():
+                body = self._s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+                return bytes(body.read())
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
@@ -165,13 +175,15 @@ class S3Store:
             raise StoreError(f"cannot read {key!r} in {self.uri}: {code}") from exc
 
     def put(self, key: str, data: bytes) -> None:
-        self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        with self._errors():
+            self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         try:
-            self._s3.head_object(Bucket=self.bucket, Key=self._key(key))
+            with self._errors():
+                self._s3.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
@@ -184,7 +196,12 @@ class S3Store:
             full += "/"
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self._s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=full))
+        while True:
+            with self._errors():
+                page = next(pages, None)
+            if page is None:
+                return
             for obj in page.get("Contents", []):
                 rel = obj["Key"][strip:]
                 if not rel or rel.endswith("/"):
@@ -194,7 +211,8 @@ class S3Store:
                 yield ObjectInfo(rel, int(obj["Size"]))
 
     def delete(self, key: str) -> None:
-        self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))
+        with self._errors():
+            self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))
 
 
 def open_store(

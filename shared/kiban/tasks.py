@@ -1,15 +1,17 @@
 """What every kiban task does around its work: validate, retry, time, dead-letter.
 
-Service task modules register their work function with ``kiban_task``, so message
-validation, retries with exponential backoff, metrics and dead-lettering behave the same
-in every container and in embedded mode:
+Service task modules register their work function with ``@kiban_task(MessageClass)``.
+Retries and failures use Celery's own machinery, the same in every container and in the
+embedded default (``kiban.local_queue``):
 
 - a message that fails validation is dead-lettered at once with its reason;
-- a transient error (S3, Qdrant, Redis unreachable or 5xx) is retried with exponential
-  backoff up to ``KIBAN_TASK_RETRIES`` times inside the task, so a restarted Redis or a
-  Qdrant blip costs a delay, not the batch;
-- any other error, or a transient one that outlasts the retries, is dead-lettered with
-  its reason and the task fails; the rest of the batch is unaffected.
+- a ``TransientError`` (the object store, Qdrant or Redis adapters raise it for an
+  unreachable, overloaded or restarting server) is retried by Celery's ``autoretry_for``
+  with exponential backoff and full jitter (``retry_backoff``), at most
+  ``KIBAN_TASK_RETRIES`` times; the retry is a new message, so the worker is free meanwhile;
+- any other error, or a transient one that outlasts the retries, reaches ``on_failure``:
+  the message is dead-lettered with its reason and the workflow records the failure (a
+  failed chunk is stated in the report; the rest of the batch is unaffected).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import atexit
 import hashlib
 import json
 import logging
-import random
-import socket
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+from celery import Task
 
 from kiban.celery_app import app
 from kiban.context import Context
@@ -31,6 +33,7 @@ from kiban.errors import InvalidMessageError
 from kiban.messages import Message, parse_message
 from kiban.settings import Settings, get_settings
 from kiban.telemetry import DEAD_LETTERS, TASK_FAILURES, TASK_RETRIES, TASK_SECONDS, redact
+from kiban.transient import TransientError
 from kiban.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ M = TypeVar("M", bound=Message)
 
 DEAD_LETTER_QUEUE = "deadletter"
 DEAD_LETTER_TASK = "kiban.deadletter"
-MAX_BACKOFF_SECONDS = 60.0
+MAX_BACKOFF_SECONDS = 60
 
 _INDEX: dict[str, VectorIndex] = {}
 
@@ -59,46 +62,6 @@ def close_vector_indexes() -> None:
 
 
 atexit.register(close_vector_indexes)  # Qdrant local mode flushes and unlocks on close
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: the other side is unreachable, overloaded or restarting."""
-    if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
-        return True
-    name = type(exc).__name__
-    module = type(exc).__module__
-    if module.startswith("redis") and name in (
-        "ConnectionError",
-        "TimeoutError",
-        "BusyLoadingError",
-    ):
-        return True
-    if module.startswith(("kombu", "amqp")) and (
-        "Connection" in name or name == "OperationalError"
-    ):
-        return True
-    if module.startswith(("botocore", "urllib3")) and name in (
-        "EndpointConnectionError",
-        "ConnectionClosedError",
-        "ReadTimeoutError",
-        "ConnectTimeoutError",
-        "ProtocolError",
-    ):
-        return True
-    if module.startswith("botocore") and name == "ClientError":
-        code = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return int(code) >= 500 or getattr(exc, "response", {}).get("Error", {}).get("Code") in (
-            "SlowDown",
-            "RequestTimeout",
-            "ServiceUnavailable",
-        )
-    if module.startswith(("httpx", "httpcore")) and ("Connect" in name or "Timeout" in name):
-        return True
-    if module.startswith("qdrant_client"):
-        status = getattr(exc, "status_code", None)
-        return name == "ResponseHandlingException" or (status is not None and status >= 500)
-    cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and is_transient(cause)
 
 
 def dead_letter(ctx: Context, task: str, payload: Any, reason: str) -> str:
@@ -131,95 +94,108 @@ def dead_letter(ctx: Context, task: str, payload: Any, reason: str) -> str:
     return key
 
 
-def run_task(
-    task: str,
-    payload: Any,
-    message_type: type[M],
-    work: Callable[[M, Context], Any],
-    settings: Settings | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Any:
-    """Validate ``payload`` as ``message_type`` and run ``work`` with retries (module doc)."""
-    settings = settings or get_settings()
-    ctx = Context.from_settings(settings)
-    try:
-        message = parse_message(payload, message_type)
-    except InvalidMessageError as exc:
-        TASK_FAILURES.labels(task, "invalid_message").inc()
-        dead_letter(ctx, task, payload, str(exc))
-        raise
-    start = time.perf_counter()
-    attempt = 0
-    try:
-        while True:
-            try:
-                return work(message, ctx)  # type: ignore[arg-type]
-            except Exception as exc:
-                transient = is_transient(exc)
-                if transient and attempt < settings.task_retries:
-                    delay = min(MAX_BACKOFF_SECONDS, settings.retry_backoff_seconds * 2**attempt)
-                    delay *= random.uniform(0.8, 1.2)
-                    attempt += 1
-                    TASK_RETRIES.labels(task).inc()
-                    log.warning(
-                        "%s: transient %s (%s); retry %d/%d in %.1fs",
-                        task,
-                        type(exc).__name__,
-                        redact(str(exc))[:200],
-                        attempt,
-                        settings.task_retries,
-                        delay,
-                    )
-                    sleep(delay)
-                    ctx = Context.from_settings(settings)  # fresh clients after an outage
-                    continue
-                TASK_FAILURES.labels(task, type(exc).__name__).inc()
-                why = f"after {attempt} retries: " if transient else ""
-                dead_letter(ctx, task, payload, f"{why}{type(exc).__name__}: {exc}")
-                raise
-    finally:
-        TASK_SECONDS.labels(task).observe(time.perf_counter() - start)
+def _payload(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Any:
+    """What the producer sent: the message itself, or the whole call when it is malformed."""
+    if not args and set(kwargs) == {"message"}:
+        return kwargs["message"]
+    return {"args": list(args), "kwargs": kwargs}
 
 
-def kiban_task(kind: str, message_type: type[M]) -> Callable[[Callable[[M, Context], Any]], Any]:
-    """Register ``work`` as the Celery task for messages of ``kind``.
+class KibanTask(Task):  # type: ignore[misc]
+    """Base class of every kiban task: late acks, Celery retries, the failure path."""
+
+    message_type: ClassVar[type[Message]]
+    work: ClassVar[Callable[[Any, Context], Any]]
+
+    autoretry_for = (TransientError,)
+    retry_backoff_max = MAX_BACKOFF_SECONDS
+    retry_jitter = True
+    acks_late = True
+    reject_on_worker_lost = True
+    typing = False  # arguments are validated below, so a bad call is dead-lettered
+
+    @property
+    def max_retries(self) -> int:  # type: ignore[override]
+        """KIBAN_TASK_RETRIES, read when a retry is decided."""
+        return get_settings().task_retries
+
+    def parse(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Message:
+        """The validated message, or InvalidMessageError naming what is wrong."""
+        if args or set(kwargs) != {"message"}:
+            raise InvalidMessageError(
+                f"{self.name} takes exactly one keyword argument 'message', got "
+                f"{len(args)} positional and keywords {sorted(kwargs)}"
+            )
+        return parse_message(kwargs["message"], self.message_type)
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        TASK_RETRIES.labels(self.name).inc()
+        log.warning(
+            "%s: %s; retry %d/%d", self.name, exc, self.request.retries + 1, self.max_retries
+        )
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Dead-letter the message with its reason and tell the workflow (never raises)."""
+        if isinstance(exc, InvalidMessageError):
+            reason, kind = str(exc), "invalid_message"
+        elif isinstance(exc, TransientError):
+            reason, kind = f"after {self.request.retries} retries: {exc}", "TransientError"
+        else:
+            reason, kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
+        TASK_FAILURES.labels(self.name, kind).inc()
+        try:
+            ctx = Context.from_settings(get_settings())
+            dead_letter(ctx, self.name, _payload(args, kwargs), reason)
+            if not isinstance(exc, InvalidMessageError):
+                from kiban.workflow import after_failure
+
+                after_failure(self.parse(tuple(args), dict(kwargs)), ctx, self.name, reason)
+        except Exception as err:  # noqa: BLE001 - a failure path must not fail the worker
+            log.error("%s: failure path could not complete: %s", self.name, redact(str(err)))
+
+
+def kiban_task(message_type: type[M]) -> Callable[[Callable[[M, Context], Any]], Any]:
+    """Register ``work`` as the Celery task of ``message_type`` (its ``task`` name).
 
     The task takes one keyword argument, ``message`` (a JSON object). Anything else a
     producer sends — other arguments, a non-object — is dead-lettered as invalid, never
     half-processed. Tasks are acknowledged late and re-queued if their worker dies.
     """
-    from kiban.messages import TASK_NAMES
-
-    name = TASK_NAMES[kind]
 
     def register(work: Callable[[M, Context], Any]) -> Any:
-        @app.task(name=name, acks_late=True, reject_on_worker_lost=True)
-        def task(*args: Any, **kwargs: Any) -> Any:
-            if args or set(kwargs) != {"message"}:
-                payload: Any = {"args": list(args), "kwargs": kwargs}
-                bad = InvalidMessageError(
-                    f"{name} takes exactly one keyword argument 'message', got "
-                    f"{len(args)} positional and keywords {sorted(kwargs)}"
-                )
-                ctx = Context.from_settings(get_settings())
-                TASK_FAILURES.labels(name, "invalid_message").inc()
-                dead_letter(ctx, name, payload, str(bad))
-                raise bad
-            result = run_task(name, kwargs["message"], message_type, work)
+        def run(self: KibanTask, *args: Any, **kwargs: Any) -> Any:
+            message = self.parse(args, kwargs)
+            ctx = Context.from_settings(get_settings())
+            start = time.perf_counter()
+            try:
+                result = work(message, ctx)  # type: ignore[arg-type]
+            finally:
+                TASK_SECONDS.labels(self.name).observe(time.perf_counter() - start)
             return result.model_dump(mode="json") if hasattr(result, "model_dump") else result
 
-        task.__doc__ = work.__doc__
-        return task
+        run.__name__ = work.__name__
+        run.__doc__ = work.__doc__
+        return app.task(
+            name=message_type.task,
+            base=KibanTask,
+            bind=True,
+            message_type=message_type,
+            # the backoff factor is read when the task is registered (worker start-up)
+            retry_backoff=get_settings().retry_backoff_seconds,
+        )(run)
 
     return register
 
 
 __all__ = [
     "DEAD_LETTER_QUEUE",
+    "KibanTask",
     "close_vector_indexes",
     "dead_letter",
-    "is_transient",
     "kiban_task",
-    "run_task",
     "vector_index",
 ]

@@ -2,7 +2,9 @@
 
 Point ID = uuid5(sha256 of the image bytes + model name), so indexing the same image
 twice for the same model is one point. Qdrant local mode (a directory, the embedded
-default) allows a single process per path; production passes a server URL.
+default) allows a single process per path; production passes a server URL. Every
+client call goes through ``kiban.transient``: an unreachable or failing server is a
+``TransientError``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kiban.settings import Settings
+from kiban.transient import TranslatingProxy, qdrant_is_transient
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,14 @@ class VectorIndex:
             api_key = (
                 settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
             )
-            self.client = QdrantClient(url=settings.qdrant_url, api_key=api_key, timeout=60)
+            client = QdrantClient(url=settings.qdrant_url, api_key=api_key, timeout=60)
             self.location = settings.qdrant_url
         else:
             path = settings.resolved_qdrant_path
             path.mkdir(parents=True, exist_ok=True)
-            self.client = QdrantClient(path=str(path))
+            client = QdrantClient(path=str(path))
             self.location = str(path)
+        self.client: Any = TranslatingProxy(client, "Qdrant", qdrant_is_transient)
 
     def close(self) -> None:
         self.client.close()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from kiban.celery_app import app, configure
 from kiban.errors import ConfigurationError
+from kiban.messages import service_queues
 from kiban.settings import Settings
 from kiban.telemetry import QUEUE_LENGTH, redact, setup_logging
 
@@ -28,21 +29,26 @@ class ServiceSpec:
     queues: tuple[str, ...]
 
 
-SERVICES: dict[str, ServiceSpec] = {
-    "ingest": ServiceSpec(("kiban_ingest.tasks",), ("ingest",)),
-    "encoder": ServiceSpec(("kiban_encoder.tasks",), ("encode",)),
-    "indexer": ServiceSpec(("kiban_encoder.tasks",), ("index",)),
-    "reporter": ServiceSpec(("kiban_reporter.tasks",), ("report",)),
+# The task module of each service; its queues come from the message registry.
+SERVICE_MODULES: dict[str, str] = {
+    "ingest": "kiban_ingest.tasks",
+    "encoder": "kiban_encoder.tasks",
+    "indexer": "kiban_encoder.tasks",
+    "reporter": "kiban_reporter.tasks",
 }
+
+
+def service_spec(service: str) -> ServiceSpec:
+    return ServiceSpec((SERVICE_MODULES[service],), service_queues(service))
 
 
 def resolve(service: str, settings: Settings, queues: list[str] | None) -> ServiceSpec:
     """The task modules and queues one worker serves, given the Qdrant mode."""
-    if service not in SERVICES:
+    if service not in SERVICE_MODULES:
         raise ConfigurationError(
-            f"unknown service {service!r}: choose one of {', '.join([*SERVICES, 'beat'])}"
+            f"unknown service {service!r}: choose one of {', '.join([*SERVICE_MODULES, 'beat'])}"
         )
-    spec = SERVICES[service]
+    spec = service_spec(service)
     local_qdrant = settings.qdrant_url is None
     if local_qdrant and service == "reporter":
         raise ConfigurationError(
@@ -51,7 +57,8 @@ def resolve(service: str, settings: Settings, queues: list[str] | None) -> Servi
             "reporters separately"
         )
     if local_qdrant and service == "indexer":
-        spec = ServiceSpec(("kiban_encoder.tasks", "kiban_reporter.tasks"), ("index", "report"))
+        reporter = service_spec("reporter")
+        spec = ServiceSpec(spec.modules + reporter.modules, spec.queues + reporter.queues)
     if queues:
         spec = ServiceSpec(spec.modules, tuple(queues))
     return spec

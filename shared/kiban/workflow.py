@@ -1,9 +1,10 @@
 """How one stage hands work to the next, the same way embedded and distributed.
 
 Each task, when done, sends the next messages: ingest → one EncodeChunk per (model,
-chunk) → IndexShard → (when the batch's last shard is indexed) EvaluateBatch. Embedded
-mode runs each message's task right away in this process; distributed mode puts it on
-the task's queue. There is no coordinator to lose.
+chunk) → IndexShard → (when the batch's last chunk is done) EvaluateBatch. A chunk is
+done when it is indexed or has failed for good; a failed chunk is stated in the report.
+Distributed mode puts each message on its queue (``Message.route``); embedded mode puts
+it on the in-process queue (``kiban.local_queue``). There is no coordinator to lose.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from kiban.celery_app import TASK_QUEUES, app
-from kiban.errors import KibanError
+from kiban.celery_app import app
+from kiban.context import Context
 from kiban.messages import (
-    TASK_NAMES,
+    ChunkMessage,
     EncodeChunk,
     EvaluateBatch,
     IndexShard,
@@ -22,34 +23,31 @@ from kiban.messages import (
     Message,
     RunPlan,
 )
-from kiban.records import BatchInfo, batch_prefix
+from kiban.progress import ChunkFailure, chunks_done, mark_failed, mark_indexed
+from kiban.records import BatchInfo, read_batch_info
 from kiban.settings import Settings
 from kiban.store import ObjectStore
+from kiban.transient import broker_is_transient, translated
 
 log = logging.getLogger(__name__)
 
 
-def queue_for(message: Message, settings: Settings) -> str:
-    kind = message.kind  # type: ignore[attr-defined]
-    if kind == "encode_chunk":
-        return settings.encode_queue_for(message.model)  # type: ignore[attr-defined]
-    return TASK_QUEUES[TASK_NAMES[kind]]
-
-
 def dispatch(message: Message, settings: Settings) -> None:
-    """Run (embedded) or enqueue (distributed) the task that handles ``message``."""
-    name = TASK_NAMES[message.kind]  # type: ignore[attr-defined]
+    """Queue the task that handles ``message``: on the broker, or on the in-process queue.
+
+    Embedded, the first dispatch in a thread also runs the queue until it is empty, so a
+    caller (``kiban run``, ``kiban trigger``) returns when the work it started is done.
+    """
     payload = {"message": message.model_dump(mode="json")}
+    queue = message.route(settings)
     if settings.mode == "embedded":
-        if name not in app.tasks:
-            raise KibanError(f"task {name} is not installed in this process (missing extra?)")
-        app.tasks[name].apply(kwargs=payload, throw=True)
-    else:
-        app.send_task(name, kwargs=payload, queue=queue_for(message, settings))
+        from kiban.local_queue import QUEUE
 
-
-def indexed_marker(batch_id: str, model: str, chunk: int) -> str:
-    return f"{batch_prefix(batch_id)}/progress/indexed/{model}/chunk-{chunk:05d}"
+        QUEUE.send(message.task, payload, queue)
+        QUEUE.run_until_empty()
+        return
+    with translated("broker", broker_is_transient):
+        app.send_task(message.task, kwargs=payload, queue=queue)
 
 
 def after_ingest(msg: IngestBatch, info: BatchInfo, store: ObjectStore, settings: Settings) -> None:
@@ -72,13 +70,9 @@ def after_encode(msg: EncodeChunk, settings: Settings) -> None:
 
 
 def batch_complete(store: ObjectStore, info: BatchInfo, models: list[str]) -> bool:
-    for model in models:
-        done = {
-            i.key for i in store.list(f"{batch_prefix(info.batch_id)}/progress/indexed/{model}")
-        }
-        if len(done) < len(info.chunks):
-            return False
-    return True
+    """Every chunk of every model is indexed or failed for good."""
+    wanted = {c.index for c in info.chunks}
+    return all(wanted <= chunks_done(store, info.batch_id, model) for model in models)
 
 
 def claim_once(settings: Settings, store: ObjectStore, key: str) -> bool:
@@ -90,8 +84,9 @@ def claim_once(settings: Settings, store: ObjectStore, key: str) -> bool:
     if settings.mode == "distributed":
         import redis
 
-        client = redis.Redis.from_url(settings.broker_url)
-        return bool(client.set(f"kiban:claim:{key}", "1", nx=True, ex=30 * 24 * 3600))
+        with translated("broker", broker_is_transient):
+            client = redis.Redis.from_url(settings.broker_url)
+            return bool(client.set(f"kiban:claim:{key}", "1", nx=True, ex=30 * 24 * 3600))
     marker = f"claims/{key}"
     if store.exists(marker):
         return False
@@ -110,7 +105,23 @@ def evaluation_request_id(batch_id: str, plan: RunPlan) -> str:
 
 def after_index(msg: IndexShard, info: BatchInfo, store: ObjectStore, settings: Settings) -> None:
     """Record the chunk as indexed; the task that completes the batch triggers evaluation."""
-    store.put(indexed_marker(msg.batch_id, msg.model, msg.chunk), b"")
+    mark_indexed(store, msg.batch_id, msg.model, msg.chunk)
+    _evaluate_if_complete(msg, info, store, settings)
+
+
+def after_failure(msg: Message, ctx: Context, task: str, reason: str) -> None:
+    """A task failed for good (already dead-lettered). A chunk's failure is recorded, and
+    the batch goes on: when every other chunk is done, it is evaluated without it."""
+    if not isinstance(msg, ChunkMessage):
+        return
+    failure = ChunkFailure(model=msg.model, chunk=msg.chunk, task=task, reason=reason)
+    mark_failed(ctx.store, msg.batch_id, failure)
+    _evaluate_if_complete(msg, read_batch_info(ctx.store, msg.batch_id), ctx.store, ctx.settings)
+
+
+def _evaluate_if_complete(
+    msg: ChunkMessage, info: BatchInfo, store: ObjectStore, settings: Settings
+) -> None:
     plan: RunPlan | None = msg.plan
     if plan is None or not plan.evaluate or not plan.models:
         return

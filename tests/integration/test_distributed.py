@@ -55,7 +55,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             "KIBAN_CHUNK_SIZE": "12",
             "KIBAN_QDRANT_API_KEY": QDRANT_KEY,  # unused in local mode; must never leak
             "KIBAN_TASK_RETRIES": "8",
-            "KIBAN_RETRY_BACKOFF_SECONDS": "0.5",
+            "KIBAN_RETRY_BACKOFF_SECONDS": "1",
             "KIBAN_THREADS": "1",
             # the nightly schedule, every minute for the test
             "KIBAN_SCHEDULE_CRON": "* * * * *",

@@ -9,7 +9,8 @@ import pytest
 from kiban.models.card import ModelCard, Preprocessing
 from kiban.pipeline import default_batch_id
 from kiban.vectors import point_id
-from kiban_reporter.cost import ShardTiming, summarise_cost
+from kiban.shards import ShardMeta
+from kiban_reporter.cost import summarise_cost
 
 
 def test_point_id_is_deterministic_per_image_and_model() -> None:
@@ -46,9 +47,21 @@ def _card(dim: int = 512) -> ModelCard:
     )
 
 
+def _meta(**timing: float | int | str) -> ShardMeta:
+    return ShardMeta(
+        model="m",
+        model_sha256="0" * 64,
+        batch_id="b",
+        chunk=0,
+        failures=[],
+        embedding_dim=512,
+        **timing,  # type: ignore[arg-type]
+    )
+
+
 def test_cost_per_thousand_images() -> None:
     timings = [
-        ShardTiming(
+        _meta(
             n_images=300,
             wall_seconds=10.0,
             inference_seconds=8.0,
@@ -56,7 +69,7 @@ def test_cost_per_thousand_images() -> None:
             threads=2,
             batch_size=32,
         ),
-        ShardTiming(
+        _meta(
             n_images=100,
             wall_seconds=10.0,
             inference_seconds=2.0,

@@ -59,12 +59,38 @@ def test_readme_message_examples_are_valid() -> None:
     import json
     import re
 
-    from kiban.messages import TASK_NAMES, message_types
+    from kiban.messages import parse_any, registry
     from tests.conftest import REPO_ROOT
 
     readme = (REPO_ROOT / "README.md").read_text()
     examples = re.findall(r"#### `(\w+)` → task `([\w.]+)`.*?```json\n(.*?)```", readme, re.S)
-    assert {kind for kind, _, _ in examples} == set(message_types())
+    assert {kind for kind, _, _ in examples} == set(registry())
     for kind, task, body in examples:
-        assert TASK_NAMES[kind] == task
-        parse_message(json.loads(body)["message"], message_types()[kind])
+        assert registry()[kind].task == task
+        message = parse_any(json.loads(body)["message"])
+        assert isinstance(message, registry()[kind])
+
+
+def test_readme_generated_sections_are_current() -> None:
+    """The message section and the settings table are generated (`make docs`), never stale."""
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("regen", REPO_ROOT / "tools/regen_readme.py")
+    assert spec is not None and spec.loader is not None
+    regen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regen)
+    text = (REPO_ROOT / "README.md").read_text()
+    assert regen.render(text) == text, "README is stale: run `make docs`"
+
+
+def test_any_message_is_parsed_by_its_kind() -> None:
+    from kiban.messages import IndexShard, parse_any
+
+    msg = parse_any({"kind": "index_shard", "batch_id": "b", "model": "m", "chunk": 2})
+    assert isinstance(msg, IndexShard) and msg.chunk == 2
+    with pytest.raises(InvalidMessageError, match="index_shard.chunk"):
+        parse_any({"kind": "index_shard", "batch_id": "b", "model": "m", "chunk": -1})
+    with pytest.raises(InvalidMessageError, match="does not match any"):
+        parse_any({"kind": "no_such_kind"})

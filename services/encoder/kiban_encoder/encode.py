@@ -11,10 +11,10 @@ from kiban.context import Context
 from kiban.messages import EncodeChunk
 from kiban.models.registry import fetch_model, load_card
 from kiban.records import read_batch_info, read_chunk_records
+from kiban.shards import ShardMeta, read_meta, write_shard
 from kiban.telemetry import ENCODE_THROUGHPUT, IMAGES_ENCODED
 from kiban_encoder.reader import decoded_batches
 from kiban_encoder.session import load_model
-from kiban_encoder.shards import ShardMeta, read_meta, write_shard
 
 log = logging.getLogger(__name__)
 

@@ -5,20 +5,20 @@ from __future__ import annotations
 from kiban.context import Context
 from kiban.messages import IndexShard
 from kiban.records import read_batch_info, read_chunk_records
+from kiban.shards import read_shard
 from kiban.telemetry import POINTS_UPSERTED
 from kiban.vectors import VectorIndex
-from kiban_encoder.shards import read_shard
 
 
 def index_shard(msg: IndexShard, ctx: Context, index: VectorIndex) -> int:
     """Upsert the shard's vectors with their payloads; returns the number of points."""
-    sha256s, keys, vectors = read_shard(ctx.store, msg.model, msg.batch_id, msg.chunk)
-    if not sha256s:
+    shard = read_shard(ctx.store, msg.model, msg.batch_id, msg.chunk)
+    if not shard.sha256s:
         return 0
     by_key = {r.key: r for r in read_chunk_records(ctx.store, msg.batch_id, msg.chunk)}
     source = read_batch_info(ctx.store, msg.batch_id).source
     payloads = []
-    for key in keys:
+    for key in shard.keys:
         rec = by_key[key]
         payloads.append(
             {
@@ -31,7 +31,7 @@ def index_shard(msg: IndexShard, ctx: Context, index: VectorIndex) -> int:
                 "source": source,
             }
         )
-    index.ensure_collection(msg.model, int(vectors.shape[1]))
-    n = index.upsert(msg.model, sha256s, vectors, payloads)
+    index.ensure_collection(msg.model, int(shard.vectors.shape[1]))
+    n = index.upsert(msg.model, shard.sha256s, shard.vectors, payloads)
     POINTS_UPSERTED.labels(msg.model).inc(n)
     return n

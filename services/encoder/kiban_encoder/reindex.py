@@ -4,23 +4,17 @@ from __future__ import annotations
 
 from kiban.context import Context
 from kiban.messages import IndexShard, ReindexModel
+from kiban.shards import list_shards
 from kiban.workflow import dispatch
 
 
-def stored_shards(ctx: Context, model: str, batches: list[str]) -> list[tuple[str, int]]:
-    """(batch, chunk) of every complete shard of ``model`` (its meta file exists)."""
-    found = []
-    for info in ctx.store.list(f"embeddings/{model}"):
-        parts = info.key.split("/")  # embeddings/<model>/<batch>/chunk-00000.json
-        is_meta = len(parts) == 4 and parts[3].startswith("chunk-") and parts[3].endswith(".json")
-        if is_meta and (not batches or parts[2] in batches):
-            found.append((parts[2], int(parts[3][6:11])))
-    return sorted(found)
-
-
 def reindex_model(msg: ReindexModel, ctx: Context) -> int:
-    """Send one IndexShard per stored shard (indexing is idempotent); returns the count."""
-    shards = stored_shards(ctx, msg.model, msg.batches)
-    for batch_id, chunk in shards:
-        dispatch(IndexShard(batch_id=batch_id, model=msg.model, chunk=chunk), ctx.settings)
+    """Send one IndexShard per complete stored shard (indexing is idempotent); the count."""
+    shards = sorted(
+        ref
+        for ref in list_shards(ctx.store, msg.model)
+        if not msg.batches or ref.batch_id in msg.batches
+    )
+    for ref in shards:
+        dispatch(IndexShard(batch_id=ref.batch_id, model=ref.model, chunk=ref.chunk), ctx.settings)
     return len(shards)

@@ -5,15 +5,15 @@ from __future__ import annotations
 from kiban.context import Context
 from kiban.messages import EncodeChunk, IndexShard, ReindexModel
 from kiban.records import read_batch_info
+from kiban.shards import ShardMeta
 from kiban.tasks import kiban_task, vector_index
 from kiban.workflow import after_encode, after_index
 from kiban_encoder.encode import encode_chunk
 from kiban_encoder.index import index_shard
 from kiban_encoder.reindex import reindex_model
-from kiban_encoder.shards import ShardMeta
 
 
-@kiban_task("encode_chunk", EncodeChunk)
+@kiban_task(EncodeChunk)
 def encode_chunk_task(msg: EncodeChunk, ctx: Context) -> ShardMeta:
     """Encode one chunk into a shard (skipped if done), then ask for it to be indexed."""
     meta = encode_chunk(msg, ctx)
@@ -21,7 +21,7 @@ def encode_chunk_task(msg: EncodeChunk, ctx: Context) -> ShardMeta:
     return meta
 
 
-@kiban_task("index_shard", IndexShard)
+@kiban_task(IndexShard)
 def index_shard_task(msg: IndexShard, ctx: Context) -> int:
     """Upsert a stored shard into Qdrant; the batch's last shard triggers its evaluation."""
     n = index_shard(msg, ctx, vector_index(ctx.settings))
@@ -29,7 +29,7 @@ def index_shard_task(msg: IndexShard, ctx: Context) -> int:
     return n
 
 
-@kiban_task("reindex_model", ReindexModel)
+@kiban_task(ReindexModel)
 def reindex_model_task(msg: ReindexModel, ctx: Context) -> int:
     """Queue an index task for every stored shard of a model."""
     return reindex_model(msg, ctx)

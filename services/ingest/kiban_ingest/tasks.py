@@ -11,7 +11,7 @@ from kiban.workflow import after_ingest, dispatch
 from kiban_ingest.ingest import ingest_batch
 
 
-@kiban_task("ingest_batch", IngestBatch)
+@kiban_task(IngestBatch)
 def ingest_batch_task(msg: IngestBatch, ctx: Context) -> BatchInfo:
     """Ingest a source prefix as a batch, then send one encode message per model and chunk."""
     info = ingest_batch(msg, ctx)
@@ -19,7 +19,7 @@ def ingest_batch_task(msg: IngestBatch, ctx: Context) -> BatchInfo:
     return info
 
 
-@kiban_task("nightly_run", NightlyRun)
+@kiban_task(NightlyRun)
 def nightly_run_task(msg: NightlyRun, ctx: Context) -> IngestBatch:
     """The schedule's trigger: send tonight's IngestBatch (the prefix of the night)."""
     batch = nightly_batch(msg, ctx.settings)

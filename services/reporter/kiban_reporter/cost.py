@@ -12,17 +12,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, Field
 
 from kiban.models.card import ModelCard
-
-
-class ShardTiming(BaseModel):
-    """The part of an encoder shard's metadata the cost model needs."""
-
-    n_images: int
-    wall_seconds: float
-    inference_seconds: float
-    provider: str
-    threads: int
-    batch_size: int
+from kiban.shards import ShardMeta
 
 
 class CostSummary(BaseModel):
@@ -47,7 +37,7 @@ class CostSummary(BaseModel):
 
 
 def summarise_cost(
-    timings: Sequence[ShardTiming],
+    timings: Sequence[ShardMeta],
     card: ModelCard,
     price_per_hour: float | None,
     currency: str,

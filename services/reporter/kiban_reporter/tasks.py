@@ -11,14 +11,14 @@ from kiban_reporter.evaluation import evaluate_batch
 from kiban_reporter.export import export_report
 
 
-@kiban_task("evaluate_batch", EvaluateBatch)
+@kiban_task(EvaluateBatch)
 def evaluate_batch_task(msg: EvaluateBatch, ctx: Context) -> dict[str, Any]:
     """Evaluate a batch from its stored embeddings; writes a new report version."""
     report = evaluate_batch(msg, ctx)
     return {"batch_id": report.batch_id, "version": report.version}
 
 
-@kiban_task("export_report", ExportReport)
+@kiban_task(ExportReport)
 def export_report_task(msg: ExportReport, ctx: Context) -> list[str]:
     """Copy a stored report to another prefix (another team's bucket)."""
     return export_report(msg, ctx)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -22,15 +21,15 @@ from kiban.cli import models as models_cli
 from kiban.cli import ops
 from kiban.cli.common import console, fails_cleanly, settings_and_store
 from kiban.cli.report_view import print_summary
-from kiban.errors import KibanError, StoreError
+from kiban.errors import KibanError
 from kiban.messages import EvaluationProtocol
 from kiban.records import (
     latest_report_version,
     read_batch_info,
     read_records,
     report_prefix,
-    shard_key,
 )
+from kiban.shards import is_complete, read_shard
 from kiban.store import ObjectStore
 from kiban.telemetry import redact
 
@@ -215,15 +214,14 @@ def embeddings_export(
     keys: list[str] = []
     parts = []
     for chunk in info.chunks:
-        try:
-            data = np.load(io.BytesIO(store.get(shard_key(model, batch, chunk.index))))
-        except StoreError:
+        if not is_complete(store, model, batch, chunk.index):
             raise KibanError(
                 f"batch {batch!r} has no embeddings for model {model!r} (chunk {chunk.index})"
-            ) from None
-        ids.extend(str(x) for x in data["ids"])
-        keys.extend(str(x) for x in data["keys"])
-        parts.append(data["vectors"])
+            )
+        shard = read_shard(store, model, batch, chunk.index)
+        ids.extend(shard.sha256s)
+        keys.extend(shard.keys)
+        parts.append(shard.vectors)
     vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     labels = [by_key[k].label or "" for k in keys]
     groups = [by_key[k].group or "" for k in keys]
