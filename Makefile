@@ -34,8 +34,8 @@ lint: install
 	$(VENV)/bin/mypy
 
 format: install
-	$(VENV)/bin/ruff format shared services tests bench
-	$(VENV)/bin/ruff check --fix shared services tests bench
+	$(VENV)/bin/ruff format shared services tests bench tools
+	$(VENV)/bin/ruff check --fix shared services tests bench tools
 
 bench: install
 	$(PY) bench/run_all.py

@@ -34,7 +34,7 @@ def source_folder(home: Path, n: int) -> Path:
             (dst / f.parent.name).mkdir(parents=True, exist_ok=True)
             (dst / f.parent.name / f.name).write_bytes(f.read_bytes())
         return dst
-    from kiban.synthetic import generate_texture_dataset
+    from kiban_cli.synthetic import generate_texture_dataset
 
     dst = home / "synthetic"
     generate_texture_dataset(dst, per_class=max(1, n // 6))
@@ -43,8 +43,8 @@ def source_folder(home: Path, n: int) -> Path:
 
 
 def export(model: str, home: Path) -> tuple[object, Path]:
-    from kiban.export import export_model
-    from kiban.synthetic import sample_images
+    from kiban_cli.synthetic import sample_images
+    from kiban_export import export_model
 
     spec = {"effnet-lite0": "efficientnet-lite0", "vit-b-32": "open_clip:ViT-B-32"}[model]
     out = home / "export"
@@ -64,9 +64,9 @@ def main() -> None:
     from kiban.models.registry import publish
     from kiban.pipeline import run_batch
     from kiban.settings import Settings, use_settings
-    from kiban.stack import LocalStack
     from kiban.store import open_store
     from kiban.workflow import dispatch
+    from kiban_cli.stack import LocalStack
 
     home = Path(tempfile.mkdtemp(prefix="kiban-bench-dist-"))
     src = source_folder(home, n)

@@ -49,7 +49,7 @@ def image_folder(dst: Path, n: int, copies: int = 1) -> Path:
         files = files[:: max(1, len(files) // n)][:n]  # spread over all classes
         items = [(f.parent.name, f.name, f.read_bytes()) for f in files]
     else:
-        from kiban.synthetic import generate_texture_dataset
+        from kiban_cli.synthetic import generate_texture_dataset
 
         src = generate_texture_dataset(dst.parent / "synthetic", per_class=max(1, n // 6))
         items = [(f.parent.name, f.name, f.read_bytes()) for f in sorted(src.glob("*/*.jpg"))][:n]
@@ -68,9 +68,9 @@ def image_folder(dst: Path, n: int, copies: int = 1) -> Path:
 def ensure_models(settings, names: list[str]) -> None:  # type: ignore[no-untyped-def]
     from kiban.context import Context
     from kiban.errors import ModelNotFoundError
-    from kiban.export import export_model
     from kiban.models.registry import load_card, publish
-    from kiban.synthetic import sample_images
+    from kiban_cli.synthetic import sample_images
+    from kiban_export import export_model
 
     store = Context.from_settings(settings).store
     for name in names:

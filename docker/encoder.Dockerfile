@@ -44,8 +44,8 @@ USER 10001:10001
 WORKDIR /var/lib/kiban
 EXPOSE 9100
 # Health: Kubernetes probes GET :9100/metrics (charts/kiban); no HEALTHCHECK here.
-ENTRYPOINT ["kiban"]
-CMD ["worker", "encoder"]
+ENTRYPOINT ["python", "-m", "kiban.worker"]
+CMD ["encoder"]
 
 FROM python:3.11.13-slim-bookworm AS gpu
 LABEL org.opencontainers.image.title="kiban-encoder" \
@@ -67,5 +67,5 @@ USER 10001:10001
 WORKDIR /var/lib/kiban
 EXPOSE 9100
 # Health: Kubernetes probes GET :9100/metrics (charts/kiban); no HEALTHCHECK here.
-ENTRYPOINT ["kiban"]
-CMD ["worker", "encoder"]
+ENTRYPOINT ["python", "-m", "kiban.worker"]
+CMD ["encoder"]

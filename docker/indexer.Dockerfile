@@ -1,7 +1,8 @@
 # kiban indexer: the Qdrant writer (queue index). In Qdrant local mode (no KIBAN_QDRANT_URL) it
 # is the single process that opens the Qdrant directory, so it also serves the report queue
-# (`kiban worker indexer` then loads the reporter's tasks): it needs both the "encoder" and the
-# "reporter" extras. CPU only (onnxruntime-gpu without CUDA libraries falls back to CPU).
+# (`python -m kiban.worker indexer` then loads the reporter's tasks): it needs both the
+# "encoder" and the "reporter" extras. CPU only (onnxruntime-gpu without CUDA libraries falls
+# back to CPU).
 # Build from the repository root:  docker build -f docker/indexer.Dockerfile -t kiban/indexer .
 
 FROM python:3.11.13-slim-bookworm AS build
@@ -32,5 +33,5 @@ USER 10001:10001
 WORKDIR /var/lib/kiban
 EXPOSE 9100
 # Health: Kubernetes probes GET :9100/metrics (charts/kiban); no HEALTHCHECK here.
-ENTRYPOINT ["kiban"]
-CMD ["worker", "indexer"]
+ENTRYPOINT ["python", "-m", "kiban.worker"]
+CMD ["indexer"]

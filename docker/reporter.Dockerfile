@@ -29,5 +29,5 @@ USER 10001:10001
 WORKDIR /var/lib/kiban
 EXPOSE 9100
 # Health: Kubernetes probes GET :9100/metrics (charts/kiban); no HEALTHCHECK here.
-ENTRYPOINT ["kiban"]
-CMD ["worker", "reporter"]
+ENTRYPOINT ["python", "-m", "kiban.worker"]
+CMD ["reporter"]

@@ -41,8 +41,8 @@ TEST_MODELS: dict[str, tuple[str, str]] = {
 @pytest.fixture(scope="session")
 def exported_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[object, Path]]:
     """name → (ModelCard, path to .onnx); publish them into a test's store with `publish`."""
-    from kiban.export import export_model
-    from kiban.synthetic import sample_images
+    from kiban_cli.synthetic import sample_images
+    from kiban_export import export_model
 
     out = tmp_path_factory.mktemp("exported-models")
     models = {}

@@ -151,7 +151,11 @@ class EncodeChunk(ChunkMessage):
     task: ClassVar[str] = "kiban.encoder.encode_chunk"
     queue: ClassVar[str] = "encode"
     service: ClassVar[str] = "encoder"
-    example: ClassVar[dict[str, Any]] = {"batch_id": "night-2026-11-28", "model": "plip", "chunk": 0}
+    example: ClassVar[dict[str, Any]] = {
+        "batch_id": "night-2026-11-28",
+        "model": "plip",
+        "chunk": 0,
+    }
 
     kind: Literal["encode_chunk"] = "encode_chunk"
 
@@ -166,7 +170,11 @@ class IndexShard(ChunkMessage):
     task: ClassVar[str] = "kiban.encoder.index_shard"
     queue: ClassVar[str] = "index"
     service: ClassVar[str] = "indexer"
-    example: ClassVar[dict[str, Any]] = {"batch_id": "night-2026-11-28", "model": "plip", "chunk": 0}
+    example: ClassVar[dict[str, Any]] = {
+        "batch_id": "night-2026-11-28",
+        "model": "plip",
+        "chunk": 0,
+    }
 
     kind: Literal["index_shard"] = "index_shard"
 
@@ -226,7 +234,10 @@ class ExportReport(Message):
     task: ClassVar[str] = "kiban.reporter.export_report"
     queue: ClassVar[str] = "report"
     service: ClassVar[str] = "reporter"
-    example: ClassVar[dict[str, Any]] = {"batch_id": "night-2026-11-28", "destination": "s3://reports-team/kiban/"}
+    example: ClassVar[dict[str, Any]] = {
+        "batch_id": "night-2026-11-28",
+        "destination": "s3://reports-team/kiban/",
+    }
 
     kind: Literal["export_report"] = "export_report"
     batch_id: Name

@@ -6,7 +6,8 @@ Layout under the store root (documented in docs/architecture.md)::
     batches/<batch>/records.jsonl      ImageRecord per accepted image, sorted by key
     batches/<batch>/chunks/chunk-00000.jsonl   the same records, one file per planned chunk
     batches/<batch>/quarantine.jsonl   QuarantineEntry per rejected file
-    embeddings/<model>/<batch>/chunk-00000.npz   shard: ids, vectors (+ meta json)
+    embeddings/<model>/<batch>/chunk-00000.npz   shard (kiban.shards): ids, vectors, meta
+    batches/<batch>/progress/...       indexed / failed markers (kiban.progress)
     models/<name>/model.onnx, models/<name>/card.json
     reports/<batch>/<version>/report.json, report.md
 """
@@ -72,10 +73,6 @@ class BatchInfo(BaseModel):
 
 def batch_prefix(batch_id: str) -> str:
     return f"batches/{batch_id}"
-
-
-def shard_key(model: str, batch_id: str, chunk: int) -> str:
-    return f"embeddings/{model}/{batch_id}/chunk-{chunk:05d}.npz"
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -101,7 +101,7 @@ def _payload(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Any:
     return {"args": list(args), "kwargs": kwargs}
 
 
-class KibanTask(Task):  # type: ignore[misc]
+class KibanTask(Task):
     """Base class of every kiban task: late acks, Celery retries, the failure path."""
 
     message_type: ClassVar[type[Message]]
@@ -115,7 +115,7 @@ class KibanTask(Task):  # type: ignore[misc]
     typing = False  # arguments are validated below, so a bad call is dead-lettered
 
     @property
-    def max_retries(self) -> int:  # type: ignore[override]
+    def max_retries(self) -> int:
         """KIBAN_TASK_RETRIES, read when a retry is decided."""
         return get_settings().task_retries
 

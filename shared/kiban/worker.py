@@ -3,21 +3,33 @@
 A container runs exactly one of these. With Qdrant local mode (no KIBAN_QDRANT_URL) only
 one process may open the Qdrant directory, so the ``indexer`` serves the index and report
 queues together (a single writer); with a Qdrant server each service scales on its own.
+
+Entry point of every worker image, with nothing but the common library and the service's
+extra installed (no CLI dependencies)::
+
+    python -m kiban.worker SERVICE [--queues Q1,Q2] [--concurrency N] [--metrics-port P]
+    kiban-worker SERVICE ...        # the same, as a console script
+
+``kiban worker SERVICE ...`` (the CLI) runs the same code.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 from kiban.celery_app import app, configure
-from kiban.errors import ConfigurationError
+from kiban.errors import ConfigurationError, KibanError
 from kiban.messages import service_queues
-from kiban.settings import Settings
+from kiban.settings import Settings, load_settings, use_settings
+from kiban.store import open_store
 from kiban.telemetry import QUEUE_LENGTH, redact, setup_logging
 
 log = logging.getLogger(__name__)
@@ -36,6 +48,10 @@ SERVICE_MODULES: dict[str, str] = {
     "indexer": "kiban_encoder.tasks",
     "reporter": "kiban_reporter.tasks",
 }
+
+
+#: What ``python -m kiban.worker SERVICE`` accepts: the task services and the schedule.
+SERVICES: tuple[str, ...] = (*SERVICE_MODULES, "beat")
 
 
 def service_spec(service: str) -> ServiceSpec:
@@ -84,8 +100,7 @@ def start_worker(
     metrics_port: int | None = None,
 ) -> None:
     """Run the worker in this process until it is stopped (blocks)."""
-    if settings.mode != "distributed":
-        raise ConfigurationError("workers need KIBAN_MODE=distributed (and KIBAN_BROKER_URL)")
+    _require_distributed(settings)
     setup_logging(settings.log_level)
     configure(settings)
     port = settings.metrics_port if metrics_port is None else metrics_port
@@ -123,6 +138,11 @@ def start_worker(
     app.worker_main(argv)
 
 
+def _require_distributed(settings: Settings) -> None:
+    if settings.mode != "distributed":
+        raise ConfigurationError("workers need KIBAN_MODE=distributed (and KIBAN_BROKER_URL)")
+
+
 def _start_metrics(port: int) -> None:
     if port:
         from prometheus_client import start_http_server
@@ -142,3 +162,97 @@ def start_beat(settings: Settings) -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     log.info("beat: nightly run at '%s' for %s", settings.schedule_cron, settings.schedule_source)
     app.Beat(loglevel=settings.log_level, schedule=str(settings.home / "beat-schedule")).run()
+
+
+def serve(
+    service: str,
+    queues: list[str] | None = None,
+    concurrency: int = 1,
+    metrics_port: int | None = None,
+) -> None:
+    """Read the settings from the environment, open the store and run the worker (blocks)."""
+    settings = load_settings()
+    _require_distributed(settings)  # before the store is touched: a refusal changes nothing
+    use_settings(settings)
+    setup_logging(settings.log_level)
+    # Fails fast on a wrong store setting, and makes the directory or bucket on first start.
+    open_store(
+        settings.resolved_store_uri, settings.s3_endpoint_url, settings.s3_region, create=True
+    )
+    start_worker(service, settings, queues, concurrency, metrics_port)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the argument (container logs, not a terminal)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def _port(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535 (0 = off), got {number}")
+    return number
+
+
+def _queue_list(value: str) -> list[str]:
+    names = [q.strip() for q in value.split(",") if q.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated queue names, got {value!r}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The worker command line (also what the Helm chart's container args must parse with)."""
+    parser = _OneLineParser(
+        prog="kiban-worker",
+        description="Start one service's Celery worker (or beat); needs KIBAN_MODE=distributed.",
+    )
+    parser.add_argument("service", choices=SERVICES, help=" | ".join(SERVICES))
+    parser.add_argument(
+        "--queues",
+        type=_queue_list,
+        default=None,
+        help="Override the queues, comma-separated, e.g. encode.gpu for a GPU pool.",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        help="Tasks at once (threads) in this process (default 1: solo pool).",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="Prometheus port (default: the KIBAN_METRICS_PORT setting; 0 = off).",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m kiban.worker`` / ``kiban-worker``: a kiban error is one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        serve(args.service, args.queues, args.concurrency, args.metrics_port)
+    except KibanError as exc:
+        print(f"kiban-worker: error: {redact(str(exc))}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from kiban.celery_app import app
+from kiban.celery_app import app, load_service_tasks
 from kiban.context import Context
 from kiban.messages import (
     ChunkMessage,
@@ -43,6 +43,7 @@ def dispatch(message: Message, settings: Settings) -> None:
     if settings.mode == "embedded":
         from kiban.local_queue import QUEUE
 
+        load_service_tasks()  # embedded: every installed service runs in this process
         QUEUE.send(message.task, payload, queue)
         QUEUE.run_until_empty()
         return

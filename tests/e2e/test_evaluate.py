@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from kiban.cli.main import app
 from kiban.messages import EvaluationProtocol
 from kiban.pipeline import evaluate_stored, run_batch
 from kiban.records import read_records, report_versions
 from kiban.settings import Settings, load_settings
 from kiban.store import ObjectStore, open_store
-from kiban.synthetic import generate_texture_dataset
+from kiban_cli.main import app
+from kiban_cli.synthetic import generate_texture_dataset
 
 NEU_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "neu-det"
 KS = [1, 3, 5]

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from kiban.cli.main import app
 from kiban.records import read_batch_info, read_chunk_records, read_quarantine, read_records
 from kiban.settings import load_settings
 from kiban.store import open_store
-from kiban.synthetic import generate_texture_dataset, problem_files
 from kiban.tasks import close_vector_indexes
 from kiban.vectors import VectorIndex
+from kiban_cli.main import app
+from kiban_cli.synthetic import generate_texture_dataset, problem_files
 
 runner = CliRunner()
 
@@ -137,7 +137,7 @@ def test_run_reports_quarantines_and_is_idempotent(
 
 def test_unknown_model_and_bad_setting_fail_cleanly(tmp_path: Path) -> None:
     env = {**os.environ, "KIBAN_HOME": str(tmp_path / "h")}
-    exe = [sys.executable, "-m", "kiban.cli.main"]
+    exe = [sys.executable, "-m", "kiban_cli.main"]
     proc = subprocess.run(
         [*exe, "run", "--source", tmp_path.as_uri(), "--models", "nope"],
         capture_output=True,

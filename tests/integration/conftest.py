@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kiban.stack import cleanup_weed_sockets, find_binary, start_seaweedfs
+from kiban_cli.stack import cleanup_weed_sockets, find_binary, start_seaweedfs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NEU_DIR = REPO_ROOT.parent / "shared" / "datasets" / "neu-det"

@@ -21,11 +21,11 @@ from kiban.celery_app import app, configure
 from kiban.messages import IngestBatch, RunPlan
 from kiban.pipeline import run_batch
 from kiban.settings import Settings, use_settings
-from kiban.stack import LocalStack, find_binary
 from kiban.status import batch_status
 from kiban.store import open_store
-from kiban.synthetic import generate_texture_dataset
 from kiban.workflow import dispatch
+from kiban_cli.stack import LocalStack, find_binary
+from kiban_cli.synthetic import generate_texture_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -315,7 +315,7 @@ def test_bad_and_failing_messages_are_dead_lettered(
     assert "Refusing to deserialize untrusted content of type pickle" in stack.procs["ingest"].log()
     assert not store.exists("batches/pickled-1/batch.json")
     out = subprocess.run(
-        [sys.executable, "-m", "kiban.cli.main", "status"],
+        [sys.executable, "-m", "kiban_cli.main", "status"],
         capture_output=True,
         text=True,
         env={**os.environ, **stack.env, "KIBAN_HOME": str(tmp_path)},
@@ -343,11 +343,26 @@ def test_run_reports_a_failed_batch_instead_of_waiting(
     assert time.monotonic() - started < 60
 
 
+def test_chunk_failure_ends_as_in_embedded_mode(
+    stack: LocalStack, client_settings: Settings, images: Path
+) -> None:
+    """The same scenario as tests/integration/test_chunk_failure.py, on real workers: one
+    dead letter, the other chunks encoded and indexed, the report states the failure."""
+    from tests.integration.chunk_failure import check_outcome, run_with_failing_chunk
+
+    use_settings(client_settings)
+    configure(client_settings)
+    outcome = run_with_failing_chunk(
+        client_settings, images.as_uri(), (images / "manifest.csv").as_uri(), "fail-dist"
+    )
+    check_outcome(outcome)
+
+
 def test_zz_no_secret_in_logs_status_or_reports(
     stack: LocalStack, client_settings: Settings, tmp_path: Path
 ) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "kiban.cli.main", "status", "dist-1"],
+        [sys.executable, "-m", "kiban_cli.main", "status", "dist-1"],
         capture_output=True,
         text=True,
         env={**os.environ, **stack.env, "KIBAN_HOME": str(tmp_path)},

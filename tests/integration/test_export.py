@@ -20,9 +20,9 @@ ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime")
 
 import torch  # noqa: E402
 
-from kiban.export import ExportError, OnnxOptions, SpecError, export_model  # noqa: E402
 from kiban.imaging import preprocess  # noqa: E402
 from kiban.models.card import ModelCard  # noqa: E402
+from kiban_export import ExportError, OnnxOptions, SpecError, export_model  # noqa: E402
 
 SMALL_CLIP = "ViT-S-32"  # 22.6M-param visual tower, exports in ~5 s on 2 cores
 

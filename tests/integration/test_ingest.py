@@ -1,7 +1,7 @@
 """Ingest end to end against real stores: a local folder and SeaweedFS S3.
 
 The source is a small synthetic labelled set with planted bad and awkward files
-(``kiban.synthetic.problem_files``); each bad one must be quarantined with its reason,
+(``kiban_cli.synthetic.problem_files``); each bad one must be quarantined with its reason,
 each awkward one accepted, the duplicate recorded once, and a re-run must change nothing.
 """
 
@@ -25,7 +25,7 @@ from kiban.records import (
 )
 from kiban.settings import Settings, use_settings
 from kiban.store import open_store
-from kiban.synthetic import encode, generate_texture_dataset, problem_files, sample_images
+from kiban_cli.synthetic import encode, generate_texture_dataset, problem_files, sample_images
 from kiban_ingest.ingest import MISSING_REASON, ingest_batch
 from kiban_ingest.labels import ManifestError
 
@@ -218,13 +218,17 @@ def test_celery_task_in_process(
     monkeypatch.setenv("KIBAN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KIBAN_MAX_IMAGE_PIXELS", str(LOW_MAX_PIXELS))
     use_settings(None)
-    result = ingest_batch_task(
-        message={"batch_id": "task", "source": source_dir.as_uri(), "chunk_size": 10}
-    )
+    # apply(): Celery's tracer, as on a worker, so the failure path (dead letter) runs too
+    result = ingest_batch_task.apply(
+        kwargs={"message": {"batch_id": "task", "source": source_dir.as_uri(), "chunk_size": 10}}
+    ).get()
     info = BatchInfo.model_validate(result)
     assert (info.n_accepted, info.n_quarantined) == (N_ACCEPTED, len(BAD))
-    with pytest.raises(InvalidMessageError, match="batch_id"):
-        ingest_batch_task(message={"batch_id": "../x", "source": source_dir.as_uri()})
+    bad = ingest_batch_task.apply(
+        kwargs={"message": {"batch_id": "../x", "source": source_dir.as_uri()}}
+    )
+    assert bad.failed() and isinstance(bad.result, InvalidMessageError)
+    assert "batch_id" in str(bad.result)
     store = open_store((tmp_path / "home" / "store").as_uri())
     assert any(o.key.startswith("deadletter/") for o in store.list())
 

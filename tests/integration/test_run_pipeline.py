@@ -12,8 +12,8 @@ from kiban.pipeline import run_batch
 from kiban.records import read_batch_info
 from kiban.settings import Settings
 from kiban.store import open_store
-from kiban.synthetic import generate_texture_dataset, problem_files
 from kiban.tasks import vector_index
+from kiban_cli.synthetic import generate_texture_dataset, problem_files
 
 pytestmark = pytest.mark.integration
 

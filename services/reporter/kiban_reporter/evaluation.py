@@ -10,31 +10,40 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kiban.context import Context
 from kiban.errors import StoreError
 from kiban.messages import EvaluateBatch
+from kiban.models.card import ModelCard
 from kiban.models.registry import load_card
+from kiban.progress import ChunkFailure, read_failures
 from kiban.records import (
     BatchInfo,
     ImageRecord,
+    QuarantineEntry,
     latest_report_version,
     read_batch_info,
     read_quarantine,
     read_records,
     report_prefix,
-    shard_key,
 )
+from kiban.shards import is_complete, shard_batches
 from kiban_reporter.ann_check import AnnCheck, ann_check
 from kiban_reporter.cost import summarise_cost
 from kiban_reporter.embeddings import BatchEmbeddings, load_batch_embeddings
 from kiban_reporter.markdown import render_markdown
-from kiban_reporter.metrics import RetrievalResult, compare, evaluate
+from kiban_reporter.metrics import PairComparison, RetrievalResult, compare, evaluate
 from kiban_reporter.protocols import EvalRow, ProtocolPlan, plan_protocol
 from kiban_reporter.report import BatchSummary, ModelSection, Protocol, Report
+
+if TYPE_CHECKING:
+    from kiban.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +68,7 @@ def _created(info: BatchInfo) -> datetime:
 
 def _fully_encoded(ctx: Context, info: BatchInfo, models: list[str]) -> bool:
     return bool(info.chunks) and all(
-        ctx.store.exists(shard_key(m, info.batch_id, c.index).removesuffix(".npz") + ".json")
-        for m in models
-        for c in info.chunks
+        is_complete(ctx.store, m, info.batch_id, c.index) for m in models for c in info.chunks
     )
 
 
@@ -76,14 +83,7 @@ def resolve_history(
     warnings: list[str] = []
     given = list(msg.protocol.history_batches)
     discovered = not given
-    if discovered:
-        ids = {
-            i.key.split("/")[2]
-            for i in ctx.store.list(f"embeddings/{msg.models[0]}")
-            if i.key.count("/") >= 3
-        }
-    else:
-        ids = set(given)
+    ids = shard_batches(ctx.store, msg.models[0]) if discovered else set(given)
     infos: list[BatchInfo] = []
     for bid in sorted(ids):
         if bid == msg.batch_id:
@@ -140,198 +140,435 @@ def _common_rows(
     return rows, vectors, len(union) - len(common)
 
 
-def evaluate_batch(msg: EvaluateBatch, ctx: Context) -> Report:
-    proto = msg.protocol
-    info = read_batch_info(ctx.store, msg.batch_id)
+@dataclass(frozen=True)
+class BatchRows:
+    """One batch's share of the evaluation: its rows in key order, each model's vectors."""
+
+    batch_id: str
+    rows: list[EvalRow]
+    vectors: dict[str, np.ndarray]
+
+
+@dataclass
+class EvaluationRows:
+    """What every model is scored on — the same rows for all, so they compare fairly.
+
+    ``rows`` are this batch's images (and, cross-batch, the history's) in (batch, key) order,
+    the tie rule; ``vectors`` are aligned with them. ``current`` keeps this batch's embeddings
+    as loaded, for each model's encode counts and cost.
+    """
+
+    rows: list[EvalRow]
+    vectors: dict[str, np.ndarray]
+    current: dict[str, BatchEmbeddings]
+    n_left_out: int
+    history: list[str] = field(default_factory=list)
+    discovered: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelScore:
+    """One model's outcome: exact metrics and the ANN check (``None`` when not scored)."""
+
+    result: RetrievalResult | None = None
+    ann: AnnCheck | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Comparisons:
+    """The paired comparisons of the scored models, their headline verdicts, and warnings."""
+
+    pairs: list[PairComparison] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _load_current_batch(
+    ctx: Context, msg: EvaluateBatch, info: BatchInfo
+) -> tuple[dict[str, BatchEmbeddings], BatchRows, int]:
+    """This batch's embeddings per model, and the rows every model encoded.
+
+    Unlike ``_load_rows`` the full embeddings are kept: the report states each model's own
+    encode count, failures and cost, not just those of the common rows.
+    """
     records = read_records(ctx.store, msg.batch_id)
-    quarantine = read_quarantine(ctx.store, msg.batch_id)
-    ks = sorted(set(msg.k))
-    hk = headline_k(ks)
-    scored = info.labelled
-    warnings: list[str] = []
-    if not scored:
-        warnings.append("batch has no labels: embedded and indexed, not scored")
-
-    cards = {m: load_card(ctx.store, m) for m in msg.models}
-
-    # Rows: this batch (and, cross-batch, the history), sorted by (batch, key).
-    parts: list[tuple[str, list[EvalRow], dict[str, np.ndarray]]] = []
     current = {m: load_batch_embeddings(ctx.store, info, records, m) for m in msg.models}
-    rows_cur, vecs_cur, n_left_out = _common_rows(msg.batch_id, current)
+    rows, vectors, n_left_out = _common_rows(msg.batch_id, current)
+    return current, BatchRows(msg.batch_id, rows, vectors), n_left_out
+
+
+def _load_history(
+    ctx: Context, msg: EvaluateBatch, info: BatchInfo
+) -> tuple[list[BatchRows], bool, list[str]]:
+    """Cross-batch: the earlier batches' rows, whether they were discovered, and warnings.
+
+    History batches only supply candidates, so only their common rows are kept.
+    """
+    infos, discovered, warnings = resolve_history(ctx, msg, info)
+    parts: list[BatchRows] = []
+    for other in infos:
+        records = read_records(ctx.store, other.batch_id)
+        rows, vectors, n_left_out = _load_rows(ctx, other, records, msg.models)
+        if n_left_out:
+            warnings.append(
+                f"cross-batch: {n_left_out} images of {other.batch_id} are not encoded by every "
+                "model; left out"
+            )
+        parts.append(BatchRows(other.batch_id, rows, vectors))
+    return parts, discovered, warnings
+
+
+def _concatenate(
+    parts: Sequence[BatchRows], cards: dict[str, ModelCard]
+) -> tuple[list[EvalRow], dict[str, np.ndarray]]:
+    """All parts' rows in (batch, key) order and each model's vectors stacked to match.
+
+    The protocols and the metrics rank ties by row order, so the order is part of the result.
+    With no row at all each model gets an empty ``[0, dim]`` matrix.
+    """
+    ordered = sorted(parts, key=lambda p: p.batch_id)
+    rows = [r for p in ordered for r in p.rows]
+    vectors = {
+        m: (
+            np.concatenate([p.vectors[m] for p in ordered if p.rows])
+            if rows
+            else np.zeros((0, card.embedding_dim), np.float32)
+        )
+        for m, card in cards.items()
+    }
+    return rows, vectors
+
+
+def load_evaluation_rows(
+    ctx: Context, msg: EvaluateBatch, info: BatchInfo, cards: dict[str, ModelCard]
+) -> EvaluationRows:
+    """The rows and vectors to score: this batch and, for a scored cross-batch, its history.
+
+    Images some model did not encode are left out (and warned), so that every model is scored
+    on exactly the same images.
+    """
+    current, part, n_left_out = _load_current_batch(ctx, msg, info)
+    warnings: list[str] = []
     if n_left_out:
         warnings.append(
             f"{n_left_out} images are not encoded by every model; left out so that the models "
             "are compared on the same images"
         )
-    parts.append((msg.batch_id, rows_cur, vecs_cur))
-    history_ids: list[str] = []
+    history: list[BatchRows] = []
     discovered = False
-    if scored and proto.name == "cross-batch":
-        infos, discovered, hist_warnings = resolve_history(ctx, msg, info)
-        warnings.extend(hist_warnings)
-        for other in infos:
-            other_records = read_records(ctx.store, other.batch_id)
-            hrows, hvecs, hleft = _load_rows(ctx, other, other_records, msg.models)
-            if hleft:
-                warnings.append(
-                    f"cross-batch: {hleft} images of {other.batch_id} are not encoded by every "
-                    "model; left out"
-                )
-            parts.append((other.batch_id, hrows, hvecs))
-            history_ids.append(other.batch_id)
-    parts.sort(key=lambda p: p[0])
-    rows = [r for _, prows, _ in parts for r in prows]
-    vectors = {
-        m: (
-            np.concatenate([p[2][m] for p in parts if len(p[1])])
-            if rows
-            else np.zeros((0, cards[m].embedding_dim), np.float32)
-        )
-        for m in msg.models
-    }
+    if info.labelled and msg.protocol.name == "cross-batch":
+        history, discovered, history_warnings = _load_history(ctx, msg, info)
+        warnings.extend(history_warnings)
+    rows, vectors = _concatenate([part, *history], cards)
+    return EvaluationRows(
+        rows=rows,
+        vectors=vectors,
+        current=current,
+        n_left_out=n_left_out,
+        history=[p.batch_id for p in history],
+        discovered=discovered,
+        warnings=warnings,
+    )
 
-    plan: ProtocolPlan | None = None
-    if scored:
-        plan = plan_protocol(proto, rows, msg.batch_id, history_ids, discovered)
-        warnings.extend(plan.warnings)
-    scope = history_ids if proto.name == "cross-batch" else [msg.batch_id]
-    do_score = plan is not None and not (plan.name == "cross-batch" and not history_ids)
 
+def plan_evaluation(
+    msg: EvaluateBatch, info: BatchInfo, data: EvaluationRows
+) -> ProtocolPlan | None:
+    """The resolved protocol, or ``None`` for a batch without labels (nothing to score)."""
+    if not info.labelled:
+        return None
+    return plan_protocol(msg.protocol, data.rows, msg.batch_id, data.history, data.discovered)
+
+
+def _is_scored(plan: ProtocolPlan | None, data: EvaluationRows) -> bool:
+    """Whether metrics are computed: a plan, some rows, and for cross-batch some history.
+
+    Cross-batch without an earlier batch has no candidate: the report says so instead.
+    """
+    if plan is None or not data.rows:
+        return False
+    return not (plan.name == "cross-batch" and not data.history)
+
+
+def _ann_scope(msg: EvaluateBatch, data: EvaluationRows) -> list[str]:
+    """The batches the Qdrant query is restricted to: where the candidates come from."""
+    return data.history if msg.protocol.name == "cross-batch" else [msg.batch_id]
+
+
+def _ann_warnings(model: str, ann: AnnCheck, asked: int) -> list[str]:
+    """A failed ANN check is always worth a line; a skipped one only when it was asked for."""
+    if ann.status == "failed":
+        return [f"{model}: ANN check failed (Qdrant): {ann.reason}"]
+    if ann.status == "skipped" and asked:
+        return [f"{model}: ANN check skipped: {ann.reason}"]
+    return []
+
+
+def score_model(
+    ctx: Context,
+    msg: EvaluateBatch,
+    model: str,
+    data: EvaluationRows,
+    plan: ProtocolPlan,
+    ks: list[int],
+) -> ModelScore:
+    """Exact retrieval metrics of one model, then Qdrant's top-k checked against them.
+
+    The metrics come from the stored vectors (exact, reproducible); the ANN check only tells
+    how far the served index is from them, and its failure is a warning.
+    """
+    proto = msg.protocol
+    vectors = data.vectors[model]
+    result = evaluate(
+        vectors,
+        [r.label for r in data.rows],
+        plan.groups,
+        ks=ks,
+        query_mask=plan.query_mask,
+        candidate_mask=plan.candidate_mask,
+        bootstrap=proto.bootstrap,
+        seed=proto.seed,
+        name=model,
+    )
+    ann = ann_check(
+        lambda: _vector_index(ctx),
+        model,
+        data.rows,
+        vectors,
+        result,
+        plan,
+        _ann_scope(msg, data),
+        k=max(ks),
+        n_queries=proto.ann_check_queries,
+        seed=proto.seed,
+    )
+    warnings = [f"{model}: {w}" for w in result.warnings]
+    warnings.extend(_ann_warnings(model, ann, proto.ann_check_queries))
+    return ModelScore(result=result, ann=ann, warnings=warnings)
+
+
+def model_section(
+    ctx: Context, model: str, card: ModelCard, emb: BatchEmbeddings, score: ModelScore
+) -> ModelSection:
+    """The report's entry for one model: what it is, what it encoded, its scores and cost."""
+    return ModelSection(
+        name=model,
+        family=card.family,
+        source=card.source,
+        architecture=card.architecture,
+        weights=card.weights,
+        pretrained=card.pretrained,
+        embedding_dim=card.embedding_dim,
+        params=card.params,
+        model_sha256=card.sha256,
+        parity_min_cosine=card.parity.min_cosine if card.parity else None,
+        images_encoded=len(emb.records),
+        encode_failures=emb.failures,
+        retrieval=score.result,
+        cost=summarise_cost(
+            emb.timings,
+            card,
+            ctx.settings.price_per_hour,
+            ctx.settings.price_currency,
+            ctx.settings.device_label,
+        ),
+        ann_check=score.ann,
+    )
+
+
+def score_models(
+    ctx: Context,
+    msg: EvaluateBatch,
+    cards: dict[str, ModelCard],
+    data: EvaluationRows,
+    plan: ProtocolPlan | None,
+    ks: list[int],
+) -> tuple[list[ModelSection], dict[str, RetrievalResult], list[str]]:
+    """Every model's section (in request order), the scored results by model, and warnings.
+
+    An unscored model still gets a section: what it encoded and what that cost is useful on
+    its own.
+    """
+    scored = _is_scored(plan, data)
     sections: list[ModelSection] = []
     results: dict[str, RetrievalResult] = {}
+    warnings: list[str] = []
     for model in msg.models:
         card = cards[model]
-        emb = current[model]
-        result = None
-        ann: AnnCheck | None = None
-        if do_score and plan is not None and rows:
-            result = evaluate(
-                vectors[model],
-                [r.label for r in rows],
-                plan.groups,
-                ks=ks,
-                query_mask=plan.query_mask,
-                candidate_mask=plan.candidate_mask,
-                bootstrap=proto.bootstrap,
-                seed=proto.seed,
-                name=model,
-            )
-            results[model] = result
-            warnings.extend(f"{model}: {w}" for w in result.warnings)
-            ann = ann_check(
-                lambda: _vector_index(ctx),
-                model,
-                rows,
-                vectors[model],
-                result,
-                plan,
-                scope,
-                k=max(ks),
-                n_queries=proto.ann_check_queries,
-                seed=proto.seed,
-            )
-            if ann.status == "failed":
-                warnings.append(f"{model}: ANN check failed (Qdrant): {ann.reason}")
-            elif ann.status == "skipped" and proto.ann_check_queries:
-                warnings.append(f"{model}: ANN check skipped: {ann.reason}")
-        sections.append(
-            ModelSection(
-                name=model,
-                family=card.family,
-                source=card.source,
-                architecture=card.architecture,
-                weights=card.weights,
-                pretrained=card.pretrained,
-                embedding_dim=card.embedding_dim,
-                params=card.params,
-                model_sha256=card.sha256,
-                parity_min_cosine=card.parity.min_cosine if card.parity else None,
-                images_encoded=len(emb.records),
-                encode_failures=emb.failures,
-                retrieval=result.summary() if result else None,
-                cost=summarise_cost(
-                    emb.timings,
-                    card,
-                    ctx.settings.price_per_hour,
-                    ctx.settings.price_currency,
-                    ctx.settings.device_label,
-                ),
-                ann_check=ann,
-            )
-        )
+        score = ModelScore()
+        if scored and plan is not None:
+            score = score_model(ctx, msg, model, data, plan, ks)
+        if score.result is not None:
+            results[model] = score.result
+        warnings.extend(score.warnings)
+        sections.append(model_section(ctx, model, card, data.current[model], score))
         if not card.pretrained:
             warnings.append(
                 f"{model}: no trained weights (random initialisation) — a baseline only"
             )
+    return sections, results, warnings
 
-    comparisons = []
-    verdicts = []
-    for a, b in itertools.combinations([m for m in msg.models if m in results], 2):
+
+def compare_models(
+    models: Sequence[str], results: dict[str, RetrievalResult], headline: int
+) -> Comparisons:
+    """Every pair of scored models, paired on the same queries, in request order.
+
+    The verdicts are the pairs' MV@``headline`` macro-F1 lines: the report's one-line answer
+    to "which model is better?". A pair that cannot be paired is a warning, not a failure.
+    """
+    out = Comparisons()
+    for a, b in itertools.combinations([m for m in models if m in results], 2):
         if results[a].per_query is None or results[b].per_query is None:
-            warnings.append(f"{a} vs {b}: no evaluated queries, not compared")
+            out.warnings.append(f"{a} vs {b}: no evaluated queries, not compared")
             continue
         try:
             pair = compare(results[a], results[b])
         except ValueError as exc:
-            warnings.append(f"{a} vs {b}: not compared ({exc})")
+            out.warnings.append(f"{a} vs {b}: not compared ({exc})")
             continue
-        comparisons.append(pair.summary())
-        warnings.extend(f"{a} vs {b}: {w}" for w in pair.warnings)
-        for diff in pair.differences:
-            if diff.key == "mv_macro_f1" and diff.k == hk:
-                verdicts.append(diff.verdict)
+        out.pairs.append(pair)
+        out.warnings.extend(f"{a} vs {b}: {w}" for w in pair.warnings)
+        out.verdicts.extend(
+            d.verdict for d in pair.differences if d.key == "mv_macro_f1" and d.k == headline
+        )
+    return out
 
+
+def batch_summary(info: BatchInfo, quarantine: Sequence[QuarantineEntry]) -> BatchSummary:
+    """What was ingested: counts, labels, and the quarantine (reasons counted, 100 listed)."""
     reasons = Counter(q.reason.split(":")[0] for q in quarantine)
+    return BatchSummary(
+        source=info.source,
+        manifest=info.manifest,
+        label_source=info.label_source,
+        n_listed=info.n_listed,
+        n_accepted=info.n_accepted,
+        n_quarantined=info.n_quarantined,
+        n_duplicates=info.n_duplicates,
+        labelled=info.labelled,
+        classes=info.classes,
+        quarantine_reasons=dict(sorted(reasons.items())),
+        quarantine=[q.model_dump() for q in quarantine[:100]],
+    )
+
+
+def protocol_summary(
+    msg: EvaluateBatch, plan: ProtocolPlan | None, data: EvaluationRows, ks: list[int], hk: int
+) -> Protocol:
+    """How the batch was evaluated, as asked and as resolved, so the numbers can be redone."""
+    proto = msg.protocol
+    return Protocol(
+        name=plan.name if plan is not None else "none",
+        requested=proto.name,
+        exclusion=plan.exclusion if plan else None,
+        ks=ks,
+        headline_k=hk,
+        bootstrap_resamples=proto.bootstrap,
+        seed=proto.seed,
+        confidence=0.95,
+        n_images=len(data.rows),
+        n_queries=plan.n_queries if plan else 0,
+        n_candidates=plan.n_candidates if plan else 0,
+        n_left_out=data.n_left_out,
+        query_split=proto.query_split if proto.name == "split" else None,
+        split=plan.split if plan else None,
+        history=plan.history if plan else None,
+        query_sample=plan.sample if plan else None,
+        ann_check_queries=proto.ann_check_queries,
+    )
+
+
+def write_report(ctx: Context, report: Report) -> None:
+    """Store the report as JSON (the record) and Markdown (rendered from that JSON)."""
+    prefix = f"{report_prefix(report.batch_id)}/{report.version}"
+    ctx.store.put(f"{prefix}/report.json", report.to_json().encode())
+    ctx.store.put(f"{prefix}/report.md", render_markdown(report).encode())
+    log.info("report %s/%s written", report.batch_id, report.version)
+
+
+def chunk_failures(
+    ctx: Context, msg: EvaluateBatch, info: BatchInfo
+) -> tuple[list[ChunkFailure], list[str]]:
+    """The evaluated models' failed chunks, and a warning for every chunk left out.
+
+    A chunk whose encoding failed has no shard: its images are not scored for that model
+    (and, since models are compared on common rows, for none). A chunk that failed only at
+    indexing still has its shard and is scored; it is missing from Qdrant.
+    """
+    sizes = {c.index: c.stop - c.start for c in info.chunks}
+    failures = [f for f in read_failures(ctx.store, msg.batch_id) if f.model in msg.models]
+    warnings = []
+    failed = {(f.model, f.chunk) for f in failures}
+    for f in failures:
+        if is_complete(ctx.store, f.model, msg.batch_id, f.chunk):
+            warnings.append(
+                f"{f.model}: chunk {f.chunk} not indexed in Qdrant ({f.task} failed for good: "
+                f"{f.reason}); evaluated from its stored shard"
+            )
+        else:
+            warnings.append(
+                f"{f.model}: chunk {f.chunk} failed for good in {f.task} "
+                f"({sizes.get(f.chunk, 0)} images not evaluated): {f.reason}"
+            )
+    for model in msg.models:
+        for chunk in info.chunks:
+            if (model, chunk.index) in failed:
+                continue
+            if not is_complete(ctx.store, model, msg.batch_id, chunk.index):
+                warnings.append(
+                    f"{model}: chunk {chunk.index} has no embeddings yet "
+                    f"({sizes[chunk.index]} images not evaluated)"
+                )
+    return failures, warnings
+
+
+def evaluate_batch(msg: EvaluateBatch, ctx: Context) -> Report:
+    """Evaluate a batch from its stored embeddings and write the next report version.
+
+    The steps run in a fixed order — rows, protocol, models, comparisons — and the report's
+    warnings are listed in that order.
+    """
+    info = read_batch_info(ctx.store, msg.batch_id)
+    quarantine = read_quarantine(ctx.store, msg.batch_id)
+    ks = sorted(set(msg.k))
+    hk = headline_k(ks)
+    warnings: list[str] = []
+    if not info.labelled:
+        warnings.append("batch has no labels: embedded and indexed, not scored")
+    cards = {m: load_card(ctx.store, m) for m in msg.models}
+    failures, failure_warnings = chunk_failures(ctx, msg, info)
+    warnings.extend(failure_warnings)
+    data = load_evaluation_rows(ctx, msg, info, cards)
+    warnings.extend(data.warnings)
+    plan = plan_evaluation(msg, info, data)
+    if plan is not None:
+        warnings.extend(plan.warnings)
+    sections, results, model_warnings = score_models(ctx, msg, cards, data, plan, ks)
+    warnings.extend(model_warnings)
+    comparisons = compare_models(msg.models, results, hk)
+    warnings.extend(comparisons.warnings)
     report = Report(
         version=next_version(ctx, msg.batch_id),
         request_id=msg.request_id,
         batch_id=msg.batch_id,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        batch=BatchSummary(
-            source=info.source,
-            manifest=info.manifest,
-            label_source=info.label_source,
-            n_listed=info.n_listed,
-            n_accepted=info.n_accepted,
-            n_quarantined=info.n_quarantined,
-            n_duplicates=info.n_duplicates,
-            labelled=info.labelled,
-            classes=info.classes,
-            quarantine_reasons=dict(sorted(reasons.items())),
-            quarantine=[q.model_dump() for q in quarantine[:100]],
-        ),
-        protocol=Protocol(
-            name=plan.name if plan is not None else "none",
-            requested=proto.name,
-            exclusion=plan.exclusion if plan else None,
-            ks=ks,
-            headline_k=hk,
-            bootstrap_resamples=proto.bootstrap,
-            seed=proto.seed,
-            confidence=0.95,
-            n_images=len(rows),
-            n_queries=plan.n_queries if plan else 0,
-            n_candidates=plan.n_candidates if plan else 0,
-            n_left_out=n_left_out,
-            query_split=proto.query_split if proto.name == "split" else None,
-            split=plan.split if plan else None,
-            history=plan.history if plan else None,
-            query_sample=plan.sample if plan else None,
-            ann_check_queries=proto.ann_check_queries,
-        ),
+        batch=batch_summary(info, quarantine),
+        protocol=protocol_summary(msg, plan, data, ks, hk),
         models=sections,
-        comparisons=comparisons,
-        verdicts=verdicts,
+        comparisons=comparisons.pairs,
+        verdicts=comparisons.verdicts,
+        failed_chunks=failures,
         warnings=warnings,
     )
-    prefix = f"{report_prefix(msg.batch_id)}/{report.version}"
-    ctx.store.put(f"{prefix}/report.json", report.to_json().encode())
-    ctx.store.put(f"{prefix}/report.md", render_markdown(report).encode())
-    log.info("report %s/%s written", msg.batch_id, report.version)
+    write_report(ctx, report)
     return report
 
 
-def _vector_index(ctx: Context):  # type: ignore[no-untyped-def]
+def _vector_index(ctx: Context) -> VectorIndex:
+    """Qdrant, opened only when the ANN check runs: an unreachable one is then a warning."""
     from kiban.tasks import vector_index
 
     return vector_index(ctx.settings)

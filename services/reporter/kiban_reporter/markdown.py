@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from kiban_reporter.metrics import Estimate, KMetrics, PairComparison
 from kiban_reporter.report import ModelSection, Report
 
 
@@ -11,21 +10,18 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def _est(est: dict[str, Any] | None) -> str:
-    if not est or est.get("value") is None:
+def _est(est: Estimate | None) -> str:
+    if est is None or est.value is None:
         return "–"
-    if est.get("ci_low") is None:
-        return f"{est['value']:.3f}"
-    return f"{est['value']:.3f} [{est['ci_low']:.3f}, {est['ci_high']:.3f}]"
+    if est.ci_low is None:
+        return f"{est.value:.3f}"
+    return f"{est.value:.3f} [{est.ci_low:.3f}, {est.ci_high:.3f}]"
 
 
-def _at(section: ModelSection, k: int) -> dict[str, Any] | None:
+def _at(section: ModelSection, k: int) -> KMetrics | None:
     if section.retrieval is None:
         return None
-    for m in section.retrieval["metrics"]:
-        if m["k"] == k:
-            return dict(m)
-    return None
+    return next((m for m in section.retrieval.metrics if m.k == k), None)
 
 
 def _summary_table(report: Report) -> list[str]:
@@ -43,9 +39,10 @@ def _summary_table(report: Report) -> list[str]:
         weights = s.weights if s.pretrained else "none (random init)"
         lines.append(
             f"| **{s.name}** | {s.family} | {weights} | {s.embedding_dim} | {s.params / 1e6:.1f} "
-            f"| {_est(m1 and m1['mv_accuracy'])} | {_est(mk and mk['mv_accuracy'])} "
-            f"| {_est(mk and mk['mv_macro_f1'])} | {_est(mk and mk['acc_at_k'])} "
-            f"| {_est(mk and mk['map_at_k'])} | {_num(c.encode_images_per_second, 1)} "
+            f"| {_est(m1.mv_accuracy if m1 else None)} "
+            f"| {_est(mk.mv_accuracy if mk else None)} "
+            f"| {_est(mk.mv_macro_f1 if mk else None)} | {_est(mk.acc_at_k if mk else None)} "
+            f"| {_est(mk.map_at_k if mk else None)} | {_num(c.encode_images_per_second, 1)} "
             f"| {_num(c.seconds_per_1k, 1)} | {_num(c.cost_per_1k, 4)} | {c.bytes_per_vector} |"
         )
     return lines
@@ -68,42 +65,42 @@ def _model_detail(s: ModelSection, hk: int) -> list[str]:
         return [*out, "", "_not scored_", ""]
     r = s.retrieval
     out += [
-        f"- {r['n_queries']} queries ({r['protocol']}), {r['n_candidates']} candidates, "
-        f"{r['n_groups'] if r['n_groups'] is not None else 'no'} groups; "
-        f"{r['n_queries_without_relevant']} queries without a relevant candidate (left out of mAP)",
+        f"- {r.n_queries} queries ({r.protocol}), {r.n_candidates} candidates, "
+        f"{r.n_groups if r.n_groups is not None else 'no'} groups; "
+        f"{r.n_queries_without_relevant} queries without a relevant candidate (left out of mAP)",
         "",
         "| k | acc@k | MV@k accuracy | MV@k macro-F1 | MV@k weighted-F1 | mAP@k |",
         "|---|---|---|---|---|---|",
     ]
-    for m in r["metrics"]:
+    for m in r.metrics:
         out.append(
-            f"| {m['k']} | {_est(m['acc_at_k'])} | {_est(m['mv_accuracy'])} "
-            f"| {_est(m['mv_macro_f1'])} | {_num(m['mv_weighted_f1'])} | {_est(m['map_at_k'])} |"
+            f"| {m.k} | {_est(m.acc_at_k)} | {_est(m.mv_accuracy)} "
+            f"| {_est(m.mv_macro_f1)} | {_num(m.mv_weighted_f1)} | {_est(m.map_at_k)} |"
         )
-    last = next((m for m in r["metrics"] if m["k"] == hk), r["metrics"][-1])
-    cls = last.get("classification")
-    if cls:
+    last = next((m for m in r.metrics if m.k == hk), r.metrics[-1])
+    cls = last.classification
+    if cls is not None:
         out += [
             "",
-            f"Per class, MV@{last['k']}:",
+            f"Per class, MV@{last.k}:",
             "",
             "| class | precision | recall | F1 | support |",
             "|---|---|---|---|---|",
         ]
-        for pc in cls["per_class"]:
+        for pc in cls.per_class:
             out.append(
-                f"| {pc['label']} | {pc['precision']:.3f} | {pc['recall']:.3f} "
-                f"| {pc['f1']:.3f} | {pc['support']} |"
+                f"| {pc.label} | {pc.precision:.3f} | {pc.recall:.3f} "
+                f"| {pc.f1:.3f} | {pc.support} |"
             )
-        labels = cls["confusion"]["labels"]
+        labels = cls.confusion.labels
         out += [
             "",
-            f"Confusion matrix, MV@{last['k']} (rows: true, columns: predicted):",
+            f"Confusion matrix, MV@{last.k} (rows: true, columns: predicted):",
             "",
             "| true \\ pred | " + " | ".join(labels) + " |",
             "|---" * (len(labels) + 1) + "|",
         ]
-        for label, row in zip(labels, cls["confusion"]["matrix"], strict=True):
+        for label, row in zip(labels, cls.confusion.matrix, strict=True):
             out.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
     return [*out, ""]
 
@@ -181,6 +178,28 @@ def _ann_section(report: Report) -> list[str]:
     return [*out, "", *notes, f"- {rule}", ""]
 
 
+def _differences_table(comparisons: list[PairComparison]) -> list[str]:
+    out = [
+        "## Paired differences (A − B)",
+        "",
+        "| A | B | metric | A | B | A − B [95% CI] | McNemar p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pair in comparisons:
+        for d in pair.differences:
+            ci = (
+                f"{d.difference:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]"
+                if d.difference is not None and d.ci_low is not None
+                else _num(d.difference)
+            )
+            out.append(
+                f"| {pair.name_a} | {pair.name_b} | {d.metric} "
+                f"| {_num(d.value_a)} | {_num(d.value_b)} | {ci} "
+                f"| {format(d.mcnemar_p, '.2g') if d.mcnemar_p is not None else ''} |"
+            )
+    return [*out, ""]
+
+
 def render_markdown(report: Report) -> str:
     b, p = report.batch, report.protocol
     lines = [
@@ -201,25 +220,7 @@ def render_markdown(report: Report) -> str:
     if report.verdicts:
         lines += ["## Verdicts", "", *(f"- {v}" for v in report.verdicts), ""]
     if report.comparisons:
-        lines += [
-            "## Paired differences (A − B)",
-            "",
-            "| A | B | metric | A | B | A − B [95% CI] | McNemar p |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for pair in report.comparisons:
-            for d in pair["differences"]:
-                ci = (
-                    f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-                    if d["difference"] is not None and d["ci_low"] is not None
-                    else _num(d["difference"])
-                )
-                lines.append(
-                    f"| {pair['name_a']} | {pair['name_b']} | {d['metric']} "
-                    f"| {_num(d['value_a'])} | {_num(d['value_b'])} | {ci} "
-                    f"| {format(d['mcnemar_p'], '.2g') if d['mcnemar_p'] is not None else ''} |"
-                )
-        lines.append("")
+        lines += _differences_table(report.comparisons)
     lines += _ann_section(report)
     lines += ["## Models", ""]
     for s in report.models:
@@ -227,6 +228,12 @@ def render_markdown(report: Report) -> str:
     if b.quarantine:
         lines += ["## Quarantine", "", "| key | reason |", "|---|---|"]
         lines += [f"| `{q['key']}` | {q['reason']} |" for q in b.quarantine]
+        lines.append("")
+    if report.failed_chunks:
+        lines += ["## Failed chunks", "", "| model | chunk | task | reason |", "|---|---|---|---|"]
+        lines += [
+            f"| {f.model} | {f.chunk} | {f.task} | {f.reason} |" for f in report.failed_chunks
+        ]
         lines.append("")
     if report.warnings:
         lines += ["## Warnings", "", *(f"- {w}" for w in report.warnings), ""]

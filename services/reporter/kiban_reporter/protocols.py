@@ -34,14 +34,18 @@ Protocols (``EvaluationProtocol.name``):
 ``query_sample``
     After the protocol, an optional class-stratified, seeded sample of the queries (see
     ``stratified_sample``); candidates are unchanged.
+
+Each protocol has its own planner (``plan_leave_one_out`` ... ``plan_cross_batch``, and
+``plan_auto`` choosing between the first two); ``plan_protocol`` dispatches through
+``PLANNERS`` and then applies the query sample (``sample_queries``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -49,6 +53,8 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, Field
 
 from kiban.messages import EvaluationProtocol
+
+ProtocolName = Literal["auto", "leave-one-out", "leave-one-group-out", "split", "cross-batch"]
 
 SPLIT_SALT = "kiban-split:"
 SPLIT_RULE = (
@@ -251,6 +257,234 @@ def check_order(rows: Sequence[EvalRow]) -> None:
         )
 
 
+@dataclass
+class PlanInput:
+    """What every protocol planner reads: the request, the rows and masks derived from them.
+
+    Computed once in ``plan_protocol`` so each planner states only its own rule.
+    """
+
+    protocol: EvaluationProtocol
+    rows: Sequence[EvalRow]
+    batch_id: str
+    history: Sequence[str] = ()
+    discovered: bool = False
+    current: NDArray[np.bool_] = field(init=False, repr=False)
+    labelled: NDArray[np.bool_] = field(init=False, repr=False)
+    grouped: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.rows)
+        self.current = np.fromiter((r.batch == self.batch_id for r in self.rows), bool, count=n)
+        self.labelled = np.fromiter((r.labelled for r in self.rows), bool, count=n)
+        self.grouped = any(r.group for r, c in zip(self.rows, self.current, strict=True) if c)
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def row_groups(self) -> list[str | None]:
+        """Every row's group, the exclusion unit of the group-aware protocols."""
+        return [r.group for r in self.rows]
+
+
+def plan_leave_one_out(inp: PlanInput) -> ProtocolPlan:
+    """Every labelled image of the batch queries every other one: the paper's protocol."""
+    return ProtocolPlan(
+        requested=inp.protocol.name,
+        name="leave-one-out",
+        query_mask=inp.current & inp.labelled,
+        candidate_mask=inp.current & inp.labelled,
+        groups=None,
+        exclusion="the query itself",
+    )
+
+
+def plan_leave_one_group_out(inp: PlanInput) -> ProtocolPlan:
+    """As leave-one-out, but a query never matches its own group (patient / slide / lot).
+
+    Same-group images share acquisition conditions, so finding them inflates the metrics. A
+    batch without groups has nothing to exclude: leave-one-out, with a warning.
+    """
+    if not inp.grouped:
+        plan = plan_leave_one_out(inp)
+        plan.warnings.append(
+            "leave-one-group-out asked for, but the batch has no groups: leave-one-out instead"
+        )
+        return plan
+    return ProtocolPlan(
+        requested=inp.protocol.name,
+        name="leave-one-group-out",
+        query_mask=inp.current & inp.labelled,
+        candidate_mask=inp.current & inp.labelled,
+        groups=inp.row_groups(),
+        exclusion="the query and every image of its group",
+    )
+
+
+def plan_auto(inp: PlanInput) -> ProtocolPlan:
+    """The strictest protocol the batch allows: leave-one-group-out with groups, else LOO."""
+    return plan_leave_one_group_out(inp) if inp.grouped else plan_leave_one_out(inp)
+
+
+def _split_warnings(
+    split: SplitAssignment, query_split: str, any_query: bool, grouped: bool
+) -> list[str]:
+    """What a reader of a split report must know: empty query side, unsplit images, leaks."""
+    warnings: list[str] = []
+    if split.source == "manifest" and not any_query:
+        warnings.append(
+            f"split: no image is in split {query_split!r} "
+            f"(splits: {', '.join(k for k in split.images if k != '(none)') or 'none'})"
+        )
+    if split.n_without_split:
+        warnings.append(
+            f"split: {split.n_without_split} images have no split in the manifest; "
+            "they are candidates"
+        )
+    if grouped and split.n_groups_across_splits:
+        warnings.append(
+            f"split: {split.n_groups_across_splits} groups have images on both sides of "
+            "the manifest's split; their same-group candidates are excluded"
+        )
+    return warnings
+
+
+def plan_split(inp: PlanInput) -> ProtocolPlan:
+    """Queries from ``query_split`` against the images of every other split.
+
+    Mirrors a held-out test set; see ``assign_splits`` for where the splits come from. With
+    groups, same-group candidates are excluded too, in case the manifest's split cuts a group.
+    """
+    protocol = inp.protocol
+    cur_idx = np.flatnonzero(inp.current)
+    splits, split = assign_splits(
+        [inp.rows[int(i)] for i in cur_idx], protocol.query_split, protocol.test_fraction
+    )
+    is_query = np.zeros(inp.n, dtype=bool)
+    is_query[cur_idx] = [s == protocol.query_split for s in splits]
+    if inp.grouped:
+        groups: list[str | None] | None = inp.row_groups()
+        exclusion = "images of the query's group (groups never span splits when hashed)"
+    else:
+        groups = None
+        exclusion = "nothing (queries and candidates are disjoint)"
+    return ProtocolPlan(
+        requested=protocol.name,
+        name="split",
+        query_mask=is_query & inp.labelled,
+        candidate_mask=inp.current & ~is_query & inp.labelled,
+        groups=groups,
+        exclusion=exclusion,
+        split=split,
+        warnings=_split_warnings(split, protocol.query_split, bool(is_query.any()), inp.grouped),
+    )
+
+
+def _history_candidates(inp: PlanInput) -> tuple[NDArray[np.bool_], int, int]:
+    """Cross-batch candidates: labelled history rows, one per image, none seen in this batch.
+
+    Returns the mask, the rows dropped for being in this batch and those dropped as repeats
+    (the newest batch's copy is kept, as Qdrant holds one point per image).
+    """
+    rows, current, labelled = inp.rows, inp.current, inp.labelled
+    order = {b: i for i, b in enumerate(inp.history)}
+    cur_shas = {r.sha256 for r, c in zip(rows, current, strict=True) if c}
+    newest: dict[str, int] = {}
+    same = repeated = 0
+    for i, r in enumerate(rows):
+        if current[i] or not labelled[i]:
+            continue
+        if r.sha256 in cur_shas:
+            same += 1
+            continue
+        j = newest.get(r.sha256)
+        if j is None:
+            newest[r.sha256] = i
+            continue
+        repeated += 1
+        if order.get(r.batch, -1) > order.get(rows[j].batch, -1):
+            newest[r.sha256] = i
+    cmask = np.zeros(inp.n, dtype=bool)
+    cmask[list(newest.values())] = True
+    return cmask, same, repeated
+
+
+def plan_cross_batch(inp: PlanInput) -> ProtocolPlan:
+    """This batch's images query the accumulated index of the earlier batches.
+
+    Answers "does tonight's batch find its look-alikes in what we already have?". Group names
+    are local to a batch, so they are namespaced (``batch/group``): no exclusion across batches,
+    but still the bootstrap unit of this batch's queries.
+    """
+    cmask, same, repeated = _history_candidates(inp)
+    warnings: list[str] = []
+    if not inp.history:
+        warnings.append("cross-batch: no earlier batch to search; nothing is scored")
+    elif not cmask.any():
+        warnings.append("cross-batch: the earlier batches have no labelled image to search")
+    groups: list[str | None] | None = None
+    if inp.grouped:
+        groups = [f"{r.batch}/{r.group}" if r.group else None for r in inp.rows]
+    return ProtocolPlan(
+        requested=inp.protocol.name,
+        name="cross-batch",
+        query_mask=inp.current & inp.labelled,
+        candidate_mask=cmask,
+        groups=groups,
+        exclusion="the same image (sha256) found in an earlier batch",
+        history=CrossBatchHistory(
+            batches=list(inp.history),
+            discovered=inp.discovered,
+            n_images=int(cmask.sum()),
+            n_same_as_query_batch=same,
+            n_repeated=repeated,
+        ),
+        warnings=warnings,
+    )
+
+
+Planner = Callable[[PlanInput], ProtocolPlan]
+PLANNERS: dict[ProtocolName, Planner] = {
+    "auto": plan_auto,
+    "leave-one-out": plan_leave_one_out,
+    "leave-one-group-out": plan_leave_one_group_out,
+    "split": plan_split,
+    "cross-batch": plan_cross_batch,
+}
+
+
+def sample_queries(plan: ProtocolPlan, inp: PlanInput) -> ProtocolPlan:
+    """``plan`` with its queries cut to the class-stratified, seeded ``query_sample``.
+
+    Applied after every protocol, so a large batch can be scored on fewer queries against all
+    of its candidates; the candidates are unchanged.
+    """
+    protocol = inp.protocol
+    if protocol.query_sample is None:
+        return plan
+    pop = np.flatnonzero(plan.query_mask)
+    picked, per_class = stratified_sample(
+        [str(inp.rows[int(i)].label) for i in pop], protocol.query_sample, protocol.seed
+    )
+    qmask = np.zeros(inp.n, dtype=bool)
+    qmask[pop[picked]] = True
+    warnings = list(plan.warnings)
+    if picked.size < protocol.query_sample:
+        warnings.append(
+            f"query sample of {protocol.query_sample} asked for, only {pop.size} queries: "
+            "all of them are used"
+        )
+    sample = QuerySample(
+        requested=protocol.query_sample,
+        size=int(picked.size),
+        population=int(pop.size),
+        seed=protocol.seed,
+        per_class=per_class,
+    )
+    return replace(plan, query_mask=qmask, sample=sample, warnings=warnings)
+
+
 def plan_protocol(
     protocol: EvaluationProtocol,
     rows: Sequence[EvalRow],
@@ -268,125 +502,5 @@ def plan_protocol(
         discovered: recorded in the report (history found in the store, not given).
     """
     check_order(rows)
-    n = len(rows)
-    current = np.fromiter((r.batch == batch_id for r in rows), dtype=bool, count=n)
-    labelled = np.fromiter((r.labelled for r in rows), dtype=bool, count=n)
-    grouped = any(r.group for r, c in zip(rows, current, strict=True) if c)
-    warnings: list[str] = []
-    split = hist = None
-    requested = protocol.name
-    name = requested
-    if name == "auto":
-        name = "leave-one-group-out" if grouped else "leave-one-out"
-    if name == "leave-one-group-out" and not grouped:
-        warnings.append(
-            "leave-one-group-out asked for, but the batch has no groups: leave-one-out instead"
-        )
-        name = "leave-one-out"
-
-    groups: list[str | None] | None = None
-    if name in ("leave-one-out", "leave-one-group-out"):
-        qmask = current & labelled
-        cmask = current & labelled
-        if name == "leave-one-group-out":
-            groups = [r.group for r in rows]
-            exclusion = "the query and every image of its group"
-        else:
-            exclusion = "the query itself"
-    elif name == "split":
-        cur_idx = np.flatnonzero(current)
-        splits, split = assign_splits(
-            [rows[int(i)] for i in cur_idx], protocol.query_split, protocol.test_fraction
-        )
-        is_query = np.zeros(n, dtype=bool)
-        is_query[cur_idx] = [s == protocol.query_split for s in splits]
-        qmask = is_query & labelled
-        cmask = current & ~is_query & labelled
-        if split.source == "manifest" and not is_query.any():
-            warnings.append(
-                f"split: no image is in split {protocol.query_split!r} "
-                f"(splits: {', '.join(k for k in split.images if k != '(none)') or 'none'})"
-            )
-        if split.n_without_split:
-            warnings.append(
-                f"split: {split.n_without_split} images have no split in the manifest; "
-                "they are candidates"
-            )
-        if grouped:
-            groups = [r.group for r in rows]
-            exclusion = "images of the query's group (groups never span splits when hashed)"
-            if split.n_groups_across_splits:
-                warnings.append(
-                    f"split: {split.n_groups_across_splits} groups have images on both sides of "
-                    "the manifest's split; their same-group candidates are excluded"
-                )
-        else:
-            exclusion = "nothing (queries and candidates are disjoint)"
-    else:  # cross-batch
-        order = {b: i for i, b in enumerate(history)}
-        qmask = current & labelled
-        cur_shas = {r.sha256 for r, c in zip(rows, current, strict=True) if c}
-        newest: dict[str, int] = {}
-        same = repeated = 0
-        for i, r in enumerate(rows):
-            if current[i] or not labelled[i]:
-                continue
-            if r.sha256 in cur_shas:
-                same += 1
-                continue
-            j = newest.get(r.sha256)
-            if j is None:
-                newest[r.sha256] = i
-                continue
-            repeated += 1
-            if order.get(r.batch, -1) > order.get(rows[j].batch, -1):
-                newest[r.sha256] = i
-        cmask = np.zeros(n, dtype=bool)
-        cmask[list(newest.values())] = True
-        hist = CrossBatchHistory(
-            batches=list(history),
-            discovered=discovered,
-            n_images=int(cmask.sum()),
-            n_same_as_query_batch=same,
-            n_repeated=repeated,
-        )
-        if not history:
-            warnings.append("cross-batch: no earlier batch to search; nothing is scored")
-        elif not cmask.any():
-            warnings.append("cross-batch: the earlier batches have no labelled image to search")
-        if grouped:
-            groups = [f"{r.batch}/{r.group}" if r.group else None for r in rows]
-        exclusion = "the same image (sha256) found in an earlier batch"
-
-    sample = None
-    if protocol.query_sample is not None:
-        pop = np.flatnonzero(qmask)
-        picked, per_class = stratified_sample(
-            [str(rows[int(i)].label) for i in pop], protocol.query_sample, protocol.seed
-        )
-        qmask = np.zeros(n, dtype=bool)
-        qmask[pop[picked]] = True
-        sample = QuerySample(
-            requested=protocol.query_sample,
-            size=int(picked.size),
-            population=int(pop.size),
-            seed=protocol.seed,
-            per_class=per_class,
-        )
-        if picked.size < protocol.query_sample:
-            warnings.append(
-                f"query sample of {protocol.query_sample} asked for, only {pop.size} queries: "
-                "all of them are used"
-            )
-    return ProtocolPlan(
-        requested=requested,
-        name=name,
-        query_mask=qmask,
-        candidate_mask=cmask,
-        groups=groups,
-        exclusion=exclusion,
-        split=split,
-        sample=sample,
-        history=hist,
-        warnings=warnings,
-    )
+    inp = PlanInput(protocol, rows, batch_id, history, discovered)
+    return sample_queries(PLANNERS[protocol.name](inp), inp)

@@ -6,16 +6,20 @@ overwritten: each evaluation writes ``reports/<batch>/<version>/`` with the next
 v2 over v1: ``protocol`` records the requested and resolved protocol, query / candidate counts,
 the split assignment, the cross-batch history and the query sample; every model has an
 ``ann_check`` (Qdrant vs exact top-k). All v1 keys keep their meaning.
+
+``models[i].retrieval`` and ``comparisons`` are the metrics engine's own result types, so the
+JSON written is exactly their ``model_dump(mode="json")`` and a report read back with
+``Report.model_validate`` is typed all the way down.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, Field
 
+from kiban.progress import ChunkFailure
 from kiban_reporter.ann_check import AnnCheck
 from kiban_reporter.cost import CostSummary
+from kiban_reporter.metrics import PairComparison, RetrievalResult
 from kiban_reporter.protocols import CrossBatchHistory, QuerySample, SplitAssignment
 
 REPORT_SCHEMA = "kiban.report"
@@ -82,8 +86,9 @@ class ModelSection(BaseModel):
     parity_min_cosine: float | None
     images_encoded: int
     encode_failures: list[tuple[str, str]]
-    retrieval: dict[str, Any] | None = Field(
-        description="kiban_reporter.metrics.RetrievalResult, or null when not scored."
+    retrieval: RetrievalResult | None = Field(
+        description="kiban_reporter.metrics.RetrievalResult (its per-query arrays are never "
+        "written), or null when not scored."
     )
     cost: CostSummary
     ann_check: AnnCheck | None = Field(
@@ -101,10 +106,14 @@ class Report(BaseModel):
     batch: BatchSummary
     protocol: Protocol
     models: list[ModelSection]
-    comparisons: list[dict[str, Any]] = Field(
+    comparisons: list[PairComparison] = Field(
         description="kiban_reporter.metrics.PairComparison per model pair."
     )
     verdicts: list[str] = Field(description="One line per model pair on the headline metric.")
+    failed_chunks: list[ChunkFailure] = Field(
+        default_factory=list,
+        description="Chunks a stage gave up on (dead-lettered): left out, with the reason.",
+    )
     warnings: list[str]
 
     model_config = {"populate_by_name": True}

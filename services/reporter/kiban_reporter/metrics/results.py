@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 HEADLINE_METRICS: dict[str, str] = {
     "acc_at_k": "acc@{k}",
@@ -119,7 +120,8 @@ class RetrievalResult(BaseModel):
     confidence: float
     metrics: list[KMetrics]
     warnings: list[str]
-    per_query: PerQuery | None = Field(default=None, exclude=True, repr=False)
+    # Never serialised, so left out of the JSON schema too (numpy arrays have none).
+    per_query: SkipJsonSchema[PerQuery | None] = Field(default=None, exclude=True, repr=False)
 
     def at(self, k: int) -> KMetrics:
         for m in self.metrics:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,9 +12,18 @@ import pytest
 from kiban.messages import EvaluationProtocol
 from kiban_reporter.metrics import evaluate
 from kiban_reporter.protocols import (
+    PLANNERS,
     EvalRow,
+    PlanInput,
+    ProtocolName,
     assign_splits,
+    plan_auto,
+    plan_cross_batch,
+    plan_leave_one_group_out,
+    plan_leave_one_out,
     plan_protocol,
+    plan_split,
+    sample_queries,
     stratified_sample,
     unit_fraction,
 )
@@ -177,3 +188,117 @@ def test_query_sample_applies_after_the_protocol() -> None:
     assert plan.sample.population == full.n_queries
     assert not (plan.query_mask & ~full.query_mask).any()
     assert np.array_equal(plan.candidate_mask, full.candidate_mask)
+
+
+def _input(
+    name: ProtocolName,
+    rows: list[EvalRow],
+    batch: str = "b",
+    history: Sequence[str] = (),
+    **options: Any,
+) -> PlanInput:
+    return PlanInput(EvaluationProtocol(name=name, **options), rows, batch, history)
+
+
+def test_plan_input_derives_current_labelled_and_grouped() -> None:
+    rows = sorted(_rows("a", 3, groups=None) + _rows("b", 4), key=lambda r: (r.batch, r.key))
+    rows[0] = EvalRow("a", rows[0].key, rows[0].sha256, None)
+    inp = _input("auto", rows)
+    assert inp.current.tolist() == [False] * 3 + [True] * 4
+    assert inp.labelled.tolist() == [False] + [True] * 6
+    assert inp.grouped  # groups of this batch count, not those of the history
+    assert not _input("auto", rows, batch="a").grouped
+
+
+def test_plan_leave_one_out_queries_and_searches_the_labelled_batch() -> None:
+    rows = _rows("b", 6)
+    rows[1] = EvalRow("b", rows[1].key, rows[1].sha256, None, "lot1")
+    plan = plan_leave_one_out(_input("leave-one-out", rows))
+    assert plan.name == plan.requested == "leave-one-out"
+    assert plan.query_mask.tolist() == plan.candidate_mask.tolist() == [1, 0, 1, 1, 1, 1]
+    assert plan.query_mask is not plan.candidate_mask
+    assert plan.groups is None and plan.exclusion == "the query itself"
+    assert plan.warnings == [] and plan.split is plan.history is plan.sample is None
+
+
+def test_plan_leave_one_group_out_excludes_groups_or_falls_back() -> None:
+    rows = _rows("b", 8, groups=3)
+    plan = plan_leave_one_group_out(_input("leave-one-group-out", rows))
+    assert plan.name == "leave-one-group-out" and plan.warnings == []
+    assert plan.groups == [r.group for r in rows]
+    assert plan.n_queries == plan.n_candidates == 8
+    fallback = plan_leave_one_group_out(_input("leave-one-group-out", _rows("b", 8, groups=None)))
+    assert fallback.name == "leave-one-out" and fallback.requested == "leave-one-group-out"
+    assert fallback.groups is None and any("no groups" in w for w in fallback.warnings)
+
+
+def test_plan_auto_picks_the_strictest_protocol_the_batch_allows() -> None:
+    grouped = plan_auto(_input("auto", _rows("b", 8)))
+    assert grouped.name == "leave-one-group-out" and grouped.requested == "auto"
+    plain = plan_auto(_input("auto", _rows("b", 8, groups=None)))
+    assert plain.name == "leave-one-out" and plain.warnings == []  # no fallback warning
+
+
+def test_plan_split_queries_one_split_against_the_others() -> None:
+    rows = _rows("b", 20, groups=None, split=True)
+    plan = plan_split(_input("split", rows))
+    assert plan.name == "split" and plan.split is not None and plan.split.source == "manifest"
+    is_test = np.array([r.split == "test" for r in rows])
+    assert np.array_equal(plan.query_mask, is_test)
+    assert np.array_equal(plan.candidate_mask, ~is_test)
+    assert plan.groups is None
+    assert plan.exclusion == "nothing (queries and candidates are disjoint)"
+    hashed = plan_split(_input("split", _rows("b", 40, groups=8), test_fraction=0.5))
+    assert hashed.split is not None and hashed.split.source == "hash"
+    assert hashed.groups is not None and hashed.warnings == []
+    assert not (hashed.query_mask & hashed.candidate_mask).any()
+
+
+def test_plan_cross_batch_searches_only_the_history() -> None:
+    rows = sorted(_rows("b1", 5) + _rows("b2", 4), key=lambda r: (r.batch, r.key))
+    plan = plan_cross_batch(_input("cross-batch", rows, batch="b2", history=["b1"]))
+    assert plan.name == "cross-batch"
+    assert plan.query_mask.tolist() == [False] * 5 + [True] * 4
+    assert plan.candidate_mask.tolist() == [True] * 5 + [False] * 4
+    assert plan.history is not None and plan.history.batches == ["b1"]
+    assert plan.history.n_images == 5 and plan.warnings == []
+    assert plan.groups is not None and plan.groups[0] == "b1/lot0"
+    empty = plan_cross_batch(_input("cross-batch", rows, batch="b2", history=["b1", "b0"]))
+    assert empty.history is not None and empty.history.batches == ["b1", "b0"]
+    unlabelled = [
+        EvalRow(r.batch, r.key, r.sha256, None if r.batch == "b1" else r.label) for r in rows
+    ]
+    none_left = plan_cross_batch(_input("cross-batch", unlabelled, batch="b2", history=["b1"]))
+    assert none_left.n_candidates == 0
+    assert any("no labelled image to search" in w for w in none_left.warnings)
+
+
+def test_plan_protocol_dispatches_every_protocol_name() -> None:
+    names: tuple[ProtocolName, ...] = (
+        "auto",
+        "leave-one-out",
+        "leave-one-group-out",
+        "split",
+        "cross-batch",
+    )
+    assert set(PLANNERS) == set(names)
+    rows = _rows("b", 10)
+    for name in names:
+        direct = PLANNERS[name](_input(name, rows))
+        via = plan_protocol(EvaluationProtocol(name=name), rows, "b")
+        assert via.name == direct.name and via.requested == name
+        assert np.array_equal(via.query_mask, direct.query_mask)
+        assert np.array_equal(via.candidate_mask, direct.candidate_mask)
+
+
+def test_sample_queries_keeps_candidates_and_leaves_an_unsampled_plan_alone() -> None:
+    rows = _rows("b", 30)
+    plan = plan_leave_one_out(_input("leave-one-out", rows))
+    assert sample_queries(plan, _input("leave-one-out", rows)) is plan
+    inp = _input("leave-one-out", rows, query_sample=6, seed=2)
+    sampled = sample_queries(plan, inp)
+    assert sampled.sample is not None and sampled.n_queries == 6
+    assert np.array_equal(sampled.candidate_mask, plan.candidate_mask)
+    assert plan.n_queries == 30  # the input plan is not changed
+    too_many = sample_queries(plan, _input("leave-one-out", rows, query_sample=50))
+    assert too_many.n_queries == 30 and any("only 30 queries" in w for w in too_many.warnings)

@@ -46,6 +46,8 @@ ALERTS = CHART / "files" / "alerts.yaml"
 ALERTS_TEST = CHART / "ci" / "alerts_test.yaml"
 DASHBOARD = CHART / "dashboards" / "kiban.json"
 DOCKERFILES = sorted((REPO_ROOT / "docker").glob("*.Dockerfile"))
+# Every worker image starts the same way; the service is the CMD (or the chart's args).
+WORKER_ENTRYPOINT = '["python", "-m", "kiban.worker"]'
 RELEASE, NAMESPACE = "kb", "kiban"
 
 # Kinds kubernetes-validate has no schema for: checked by _check_crd below.
@@ -211,7 +213,7 @@ def test_one_deployment_per_service_with_its_queue(full_objects: list[dict[str, 
     for component, deployment in found.items():
         args = container(deployment)["args"]
         service = deployment["metadata"]["labels"]["kiban.io/service"]
-        assert args[:2] == ["worker", service], args
+        assert args[:1] == [service], args
         assert args[args.index("--metrics-port") + 1] == "9100"
         if component == "beat":
             assert "--queues" not in args
@@ -605,7 +607,8 @@ def test_dockerfile_installs_only_its_own_service(service: str) -> None:
         assert not base.endswith(":latest")
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and all(not u.startswith(("0", "root")) for u in users)
-    assert re.findall(r'^CMD \["worker", "(\w+)"\]', text, re.M)[-1] == service
+    assert re.findall(r'^CMD \["(\w+)"\]', text, re.M)[-1] == service
+    assert set(re.findall(r"^ENTRYPOINT (.+)$", text, re.M)) == {WORKER_ENTRYPOINT}
 
 
 def test_indexer_image_has_encoder_and_reporter() -> None:
@@ -614,7 +617,8 @@ def test_indexer_image_has_encoder_and_reporter() -> None:
     copied = set(re.findall(r"^COPY (?!--from)(\S+)", text, re.M))
     assert copied == {"pyproject.toml", "shared/", "services/encoder/", "services/reporter/"}
     assert '".[encoder,reporter]"' in text
-    assert re.findall(r'^CMD \["worker", "(\w+)"\]', text, re.M) == ["indexer"]
+    assert re.findall(r'^CMD \["(\w+)"\]', text, re.M) == ["indexer"]
+    assert re.findall(r"^ENTRYPOINT (.+)$", text, re.M) == [WORKER_ENTRYPOINT]
 
 
 def test_every_service_has_a_dockerfile_and_a_package_root() -> None:
@@ -646,18 +650,13 @@ def test_full_values_file_only_uses_known_keys() -> None:
         assert set(pool) <= default_pool_keys, pool
 
 
-def test_worker_args_parse_with_the_kiban_cli(objects: list[dict[str, Any]]) -> None:
-    """The rendered args are a valid `kiban worker` command line (parsed, not run)."""
-    import typer
+def test_worker_args_parse_with_the_worker_entry_point(objects: list[dict[str, Any]]) -> None:
+    """The rendered args are a valid `python -m kiban.worker` command line (parsed, not run)."""
+    from kiban.worker import build_parser
 
-    from kiban.cli.main import app
-
-    group = typer.main.get_command(app)
+    parser = build_parser()
     for component, deployment in workers(objects).items():
         args = container(deployment)["args"]
-        with group.make_context("kiban", list(args), resilient_parsing=True) as ctx:
-            command = group.get_command(ctx, args[0])  # type: ignore[attr-defined]
-            assert command is not None, component
-            parsed = command.make_context(args[0], list(args[1:])).params
-        assert parsed["service"] == deployment["metadata"]["labels"]["kiban.io/service"]
-        assert parsed["metrics_port"] == 9100
+        parsed = parser.parse_args(list(args))
+        assert parsed.service == deployment["metadata"]["labels"]["kiban.io/service"], component
+        assert parsed.metrics_port == 9100

@@ -5,11 +5,14 @@ Reads the report JSON (schema kiban.report, docs/report.md) only; the full docum
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.table import Table
 
-from kiban.cli.common import console
+from kiban.records import report_prefix
+from kiban.store import ObjectStore
+from kiban_cli.common import console
 
 
 def _metric(model: dict[str, Any], k: int, key: str, ci: bool = False) -> str:
@@ -78,3 +81,9 @@ def print_summary(report: dict[str, Any], location: str) -> None:
     if len(report["warnings"]) > 10:
         console.print(f"[yellow]… {len(report['warnings']) - 10} more warnings in the report[/]")
     console.print(f"full report: {location}/report.md (JSON: report.json)")
+
+
+def print_report(store: ObjectStore, batch_id: str, version: str) -> None:
+    """The summary of one stored report version (what `kiban run` prints at the end)."""
+    prefix = f"{report_prefix(batch_id)}/{version}"
+    print_summary(json.loads(store.get(f"{prefix}/report.json")), f"{store.uri}/{prefix}")

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from kiban.export.errors import ExportError
-from kiban.export.options import OnnxOptions
-from kiban.export.torch_export import INPUT_NAME, OUTPUT_NAME
+from kiban_export.errors import ExportError
+from kiban_export.options import OnnxOptions
+from kiban_export.torch_export import INPUT_NAME, OUTPUT_NAME
 
 PREFIX = "src/"
 
@@ -116,7 +116,7 @@ def inspect_source(path: Path, options: OnnxOptions) -> SourceGraph:
 
 def _probe_rank(path: Path, input_name: str, output_name: str, options: OnnxOptions) -> int:
     """The output's rank is not declared: run the graph once on zeros to find it."""
-    from kiban.export.parity import ort_session
+    from kiban_export.parity import ort_session
 
     session = ort_session(path)
     s = options.input_size
@@ -128,7 +128,7 @@ def _probe_rank(path: Path, input_name: str, output_name: str, options: OnnxOpti
 
 def reference_input(crops: np.ndarray, options: OnnxOptions) -> np.ndarray:
     """What the user's original graph expects, made in numpy from uint8 NHWC crops."""
-    from kiban.export.parity import normalise
+    from kiban_export.parity import normalise
 
     x = normalise(crops, options.mean, options.std) if options.input_dtype == "float32" else crops
     if options.layout == "NCHW":

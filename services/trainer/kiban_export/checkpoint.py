@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiban.export.errors import ExportError
+from kiban_export.errors import ExportError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "net")
 _STRIP_PREFIXES = ("module.", "model.", "_orig_mod.")

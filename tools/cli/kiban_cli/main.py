@@ -8,30 +8,17 @@ from pathlib import Path
 import numpy as np
 import typer
 from pydantic import ValidationError
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
-from kiban.cli import models as models_cli
-from kiban.cli import ops
-from kiban.cli.common import console, fails_cleanly, settings_and_store
-from kiban.cli.report_view import print_summary
 from kiban.errors import KibanError
 from kiban.messages import EvaluationProtocol
-from kiban.records import (
-    latest_report_version,
-    read_batch_info,
-    read_records,
-    report_prefix,
-)
+from kiban.records import latest_report_version, read_batch_info, read_records, report_prefix
 from kiban.shards import is_complete, read_shard
-from kiban.store import ObjectStore
 from kiban.telemetry import redact
+from kiban_cli import models as models_cli
+from kiban_cli import ops
+from kiban_cli.common import console, fails_cleanly, settings_and_store
+from kiban_cli.progress import run_with_progress
+from kiban_cli.report_view import print_report
 
 app = typer.Typer(
     help="kiban: is the foundation model worth it on our images? Embed, index, evaluate.",
@@ -51,35 +38,6 @@ def _split_models(models: str) -> list[str]:
     if not names:
         raise KibanError("--models needs at least one model name")
     return names
-
-
-def run_with_progress(**kwargs: object) -> dict:
-    """Run a batch, drawing one bar per stage and model from the stores' progress."""
-    from kiban.pipeline import run_batch
-    from kiban.status import BatchStatus
-
-    with Progress(
-        TextColumn("{task.description:<28}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        bars: dict[str, TaskID] = {}
-
-        def show(name: str, done: int, total: int) -> None:
-            if name not in bars:
-                bars[name] = bar.add_task(name, total=total)
-            bar.update(bars[name], completed=done, total=total)
-
-        def tick(status: BatchStatus) -> None:
-            show("ingest", int(status.ingested), 1)
-            for m in status.models:
-                show(f"encode {m.model} (chunks)", m.encoded, m.chunks)
-                show(f"index  {m.model} (chunks)", m.indexed, m.chunks)
-
-        return run_batch(progress=tick, **kwargs)  # type: ignore[arg-type]
 
 
 PROTOCOL_HELP = "auto | leave-one-out | leave-one-group-out | split | cross-batch"
@@ -109,7 +67,7 @@ def run(
         ks=_parse_ks(k),
         protocol=_protocol(protocol, query_sample=query_sample),
     )
-    _print_report(store, report["batch_id"], report["version"])
+    print_report(store, report["batch_id"], report["version"])
 
 
 def _parse_ks(k: str) -> list[int]:
@@ -124,7 +82,7 @@ def _parse_ks(k: str) -> list[int]:
 
 def _protocol(name: str, **fields: object) -> EvaluationProtocol:
     try:
-        return EvaluationProtocol(name=name, **{k: v for k, v in fields.items() if v is not None})  # type: ignore[arg-type]
+        return EvaluationProtocol(name=name, **{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         raise KibanError(f"invalid protocol options: {exc.errors()[0]['msg']}") from None
 
@@ -169,12 +127,7 @@ def evaluate(
         history_batches=[h.strip() for h in history.split(",")] if history else None,
     )
     report = evaluate_stored(settings, batch, names, _parse_ks(k), proto)
-    _print_report(store, report["batch_id"], report["version"])
-
-
-def _print_report(store: ObjectStore, batch_id: str, version: str) -> None:
-    prefix = f"{report_prefix(batch_id)}/{version}"
-    print_summary(json.loads(store.get(f"{prefix}/report.json")), f"{store.uri}/{prefix}")
+    print_report(store, report["batch_id"], report["version"])
 
 
 @report_app.command("show")
@@ -196,7 +149,7 @@ def report_show(
     elif markdown:
         console.print(store.get(f"{prefix}/report.md").decode(), markup=False, highlight=False)
     else:
-        _print_report(store, batch, version)
+        print_report(store, batch, version)
 
 
 @embeddings_app.command("export")
@@ -264,7 +217,7 @@ def demo(
     ),
 ) -> None:
     """Generate a synthetic labelled texture set, export two encoders, run, print the report."""
-    from kiban.cli.demo import run_demo
+    from kiban_cli.demo import run_demo
 
     run_demo(per_class=per_class, models=_split_models(models))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kiban.export.errors import SpecError
+from kiban_export.errors import SpecError
 
 Source = Literal["efficientnet-lite0", "open_clip", "torchvision", "timm", "onnx"]
 
@@ -89,7 +89,7 @@ def parse_spec(spec: str) -> ExportSpec:
     if prefix == "open_clip":
         return _parse_open_clip(text, rest)
     if prefix in ("torchvision", "timm"):
-        return _parse_local_weights(text, prefix, rest)  # type: ignore[arg-type]
+        return _parse_local_weights(text, prefix, rest)
     known = ", ".join(["efficientnet-lite0", "open_clip:", "torchvision:", "timm:", "onnx:"])
     raise _bad(spec, f"unknown source {prefix!r} (known: {known})")
 

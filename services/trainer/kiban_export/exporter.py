@@ -15,11 +15,11 @@ from typing import Any
 
 from PIL import Image
 
-from kiban.export.errors import ExportError
-from kiban.export.options import OnnxOptions
-from kiban.export.spec import ExportSpec, parse_spec
 from kiban.messages import is_valid_name
 from kiban.models.card import ModelCard, ParityResult, Preprocessing
+from kiban_export.errors import ExportError
+from kiban_export.options import OnnxOptions
+from kiban_export.spec import ExportSpec, parse_spec
 
 FAMILIES = ("foundation", "domain")
 
@@ -71,7 +71,7 @@ def export_model(
     facts["notes"].append(f"export + parity took {time.perf_counter() - started:.1f} s")
     card = ModelCard(
         name=name,
-        family=family or facts["default_family"],  # type: ignore[arg-type]
+        family=family or facts["default_family"],
         source=parsed.raw,
         architecture=facts["architecture"],
         weights=facts["weights"],
@@ -103,9 +103,9 @@ def _export_torch(
 ) -> dict[str, Any]:
     import torch
 
-    from kiban.export import parity
-    from kiban.export.builders import build
-    from kiban.export.torch_export import export_torch
+    from kiban_export import parity
+    from kiban_export.builders import build
+    from kiban_export.torch_export import export_torch
 
     built = build(spec)
     prep: Preprocessing = built.preprocessing
@@ -146,7 +146,7 @@ def _export_torch(
 def _export_onnx(
     spec: ExportSpec, options: OnnxOptions, out_path: Path, images: list[Image.Image], source: str
 ) -> dict[str, Any]:
-    from kiban.export import onnx_wrap, parity
+    from kiban_export import onnx_wrap, parity
 
     assert spec.weights_file is not None  # parse_spec guarantees it for onnx:
     src = onnx_wrap.inspect_source(spec.weights_file, options)

@@ -1,0 +1,43 @@
+"""Running a batch with live progress bars: shared by `kiban run` and `kiban demo`."""
+
+from __future__ import annotations
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from kiban_cli.common import console
+
+
+def run_with_progress(**kwargs: object) -> dict:
+    """Run a batch, drawing one bar per stage and model from the stores' progress."""
+    from kiban.pipeline import run_batch
+    from kiban.status import BatchStatus
+
+    with Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        bars: dict[str, TaskID] = {}
+
+        def show(name: str, done: int, total: int) -> None:
+            if name not in bars:
+                bars[name] = bar.add_task(name, total=total)
+            bar.update(bars[name], completed=done, total=total)
+
+        def tick(status: BatchStatus) -> None:
+            show("ingest", int(status.ingested), 1)
+            for m in status.models:
+                show(f"encode {m.model} (chunks)", m.encoded, m.chunks)
+                show(f"index  {m.model} (chunks)", m.indexed, m.chunks)
+
+        return run_batch(progress=tick, **kwargs)  # type: ignore[arg-type]
