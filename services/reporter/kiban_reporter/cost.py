@@ -33,6 +33,9 @@ class CostSummary(BaseModel):
     cost_per_1k: float | None
     bytes_per_vector: int = Field(description="float32 storage of one embedding.")
     params: int
+    macs_per_image: int | None = Field(
+        None, description="Multiply-accumulates per image, counted from the ONNX graph."
+    )
     model_file_bytes: int
 
 
@@ -67,5 +70,6 @@ def summarise_cost(
         ),
         bytes_per_vector=4 * card.embedding_dim,
         params=card.params,
+        macs_per_image=card.macs_per_image,
         model_file_bytes=card.file_size,
     )

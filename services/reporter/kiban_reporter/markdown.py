@@ -28,10 +28,10 @@ def _summary_table(report: Report) -> list[str]:
     hk = report.protocol.headline_k
     cur = report.models[0].cost.currency if report.models else ""
     lines = [
-        f"| model | family | weights | dim | params (M) | MV@1 acc | MV@{hk} acc | "
+        f"| model | family | weights | dim | params (M) | GMACs / img | MV@1 acc | MV@{hk} acc | "
         f"MV@{hk} macro-F1 | acc@{hk} | mAP@{hk} | img/s | s / 1k img | {cur} / 1k img | "
         "bytes / vector |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report.models:
         m1, mk = _at(s, 1), _at(s, hk)
@@ -39,6 +39,7 @@ def _summary_table(report: Report) -> list[str]:
         weights = s.weights if s.pretrained else "none (random init)"
         lines.append(
             f"| **{s.name}** | {s.family} | {weights} | {s.embedding_dim} | {s.params / 1e6:.1f} "
+            f"| {_num(c.macs_per_image / 1e9 if c.macs_per_image else None, 2)} "
             f"| {_est(m1.mv_accuracy if m1 else None)} "
             f"| {_est(mk.mv_accuracy if mk else None)} "
             f"| {_est(mk.mv_macro_f1 if mk else None)} | {_est(mk.acc_at_k if mk else None)} "

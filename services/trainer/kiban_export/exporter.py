@@ -18,6 +18,7 @@ from PIL import Image
 from kiban.messages import is_valid_name
 from kiban.models.card import ModelCard, ParityResult, Preprocessing
 from kiban_export.errors import ExportError
+from kiban_export.macs import count_macs
 from kiban_export.options import OnnxOptions
 from kiban_export.spec import ExportSpec, parse_spec
 
@@ -80,6 +81,7 @@ def export_model(
         preprocessing=facts["preprocessing"],
         embedding_dim=facts["embedding_dim"],
         params=facts["params"],
+        macs_per_image=count_macs(out_path, facts["preprocessing"].crop),
         file_size=out_path.stat().st_size,
         sha256=sha256_file(out_path),
         opset=facts["opset"],

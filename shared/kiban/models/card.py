@@ -50,6 +50,10 @@ class ModelCard(BaseModel):
     preprocessing: Preprocessing
     embedding_dim: int
     params: int
+    macs_per_image: int | None = Field(
+        None,
+        description="Multiply-accumulates for one image, counted from the ONNX graph (onnx-tool).",
+    )
     file_size: int
     sha256: str
     opset: int
