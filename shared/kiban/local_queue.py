@@ -59,7 +59,6 @@ class LocalQueue:
         self._lock = threading.Lock()
         self._draining = False
         self._tracers: dict[str, Any] = {}
-        self.executed: list[str] = []  # task names in execution order (tests, debugging)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -134,7 +133,6 @@ class LocalQueue:
                 "priority": None,
             },
         }
-        self.executed.append(envelope.task)
         outcome = self._tracer(envelope.task)(task_id, (), envelope.kwargs, request)
         retval = outcome.retval
         retval = getattr(retval, "exception", retval)  # ExceptionInfo

@@ -59,10 +59,6 @@ class Message(BaseModel):
             raise TypeError(f"message kind {kind!r} registered twice")
         _REGISTRY[kind] = cls
 
-    @property
-    def message_kind(self) -> str:
-        return str(getattr(self, "kind"))  # noqa: B009 - every registered message has one
-
     def route(self, settings: Settings) -> str:
         """The queue this message goes to (a message may route by its content)."""
         return self.queue
@@ -263,10 +259,6 @@ def task_queues() -> dict[str, str]:
 def service_queues(service: str) -> tuple[str, ...]:
     """The queues a service's worker consumes by default, in registry order."""
     return tuple(dict.fromkeys(c.queue for c in _REGISTRY.values() if c.service == service))
-
-
-def services() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(c.service for c in _REGISTRY.values()))
 
 
 def _format_errors(name: str, exc: ValidationError) -> InvalidMessageError:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from kiban.celery_app import configure, load_service_tasks
+from kiban.celery_app import configure
 from kiban.errors import KibanError
 from kiban.messages import (
     ChunkMessage,
@@ -116,7 +116,6 @@ def run_batch(
 
     errors: list[BaseException] = []
     if settings.mode == "embedded":
-        load_service_tasks()
 
         def work() -> None:
             try:
@@ -179,8 +178,6 @@ def evaluate_stored(
     message = EvaluateBatch(
         batch_id=batch_id, models=models, k=ks, protocol=protocol, request_id=request_id
     )
-    if settings.mode == "embedded":
-        load_service_tasks()
     dead_letters = DeadLetterWatch(store, batch_id)
     dispatch(message, settings)
     deadline = time.monotonic() + timeout
