@@ -195,6 +195,12 @@ class EvaluateBatch(Message):
     request_id: str | None = Field(
         None, max_length=64, description="Set by the workflow; recorded in the report."
     )
+    volume_images_per_night: int | None = Field(
+        None,
+        ge=1,
+        le=10**12,
+        description="Cost projection volume; default KIBAN_VOLUME_IMAGES_PER_NIGHT.",
+    )
 
 
 class NightlyRun(Message):
@@ -239,6 +245,47 @@ class ExportReport(Message):
     batch_id: Name
     report_version: str | None = Field(None, pattern=r"^\d{4}$", description="Default: the latest.")
     destination: str = Field(min_length=1, description="file:///dir or s3://bucket/prefix")
+
+
+class TrainSpecialist(Message):
+    """Train a domain specialist from labelled batches and publish it to the registry.
+
+    ``head``: a small projection on the base model's *stored* embeddings of ``batches`` (no
+    image is re-read), exported with the base as one ONNX graph. ``finetune``: the base
+    network's weights trained on the images. Only the training side of each batch is used:
+    images whose manifest split is not ``holdout_split``, or — without manifest splits — the
+    groups the split protocol's hash puts on the index side (the same rule the reporter uses).
+    """
+
+    task: ClassVar[str] = "kiban.trainer.train_specialist"
+    queue: ClassVar[str] = "train"
+    service: ClassVar[str] = "trainer"
+    example: ClassVar[dict[str, Any]] = {
+        "batches": ["night-2026-11-27", "night-2026-11-28"],
+        "base": "effnet-lite0",
+        "name": "effnet-head",
+        "mode": "head",
+    }
+
+    kind: Literal["train_specialist"] = "train_specialist"
+    batches: list[Name] = Field(min_length=1, max_length=1000)
+    base: str = Field(
+        min_length=1,
+        max_length=512,
+        description="head: a registry model with stored embeddings of the batches; "
+        "finetune: a registry model (its export spec is rebuilt) or an export spec",
+    )
+    name: Name = Field(description="Registry name of the trained model")
+    mode: Literal["head", "finetune"] = "head"
+    epochs: int | None = Field(None, ge=1, le=10_000, description="Default: 40 head, 3 finetune")
+    seed: int = Field(0, ge=0)
+    holdout_split: str = Field(
+        "test", min_length=1, max_length=64, description="Split never trained on"
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Without manifest splits: share of groups held out"
+    )
+    request_id: str | None = Field(None, max_length=64)
 
 
 def registry() -> dict[str, type[Message]]:

@@ -78,6 +78,35 @@ class Settings(BaseSettings):
     device_label: str = Field(
         "cpu", description="Free-text name of the hardware, printed in cost tables."
     )
+    volume_images_per_night: int | None = Field(
+        None,
+        ge=1,
+        le=10**12,
+        description="Images a night brings, for the report's cost projection (hours and price "
+        "per night and per month); unset leaves the projection out. `--volume` overrides it.",
+    )
+    noninferiority_margin: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="δ of the verdict: a cheaper model is 'within δ' of another when the paired "
+        "95% CI of its MV@k macro-F1 difference has its lower bound above −δ.",
+    )
+    learning_curve_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [5, 10, 20, 50, 100],
+        description="Labelled images per class in the index at each learning-curve point "
+        "(comma-separated; 'all' is always added).",
+    )
+    learning_curve_repeats: int = Field(
+        5, ge=1, le=1000, description="Seeded random subsets drawn per learning-curve point."
+    )
+    trend_window: int = Field(
+        7,
+        ge=2,
+        le=365,
+        description="Earlier reports of the same schedule forming the trailing baseline of the "
+        "trend and its regression flag.",
+    )
     broker_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Celery broker (Redis) URL; may hold a password."
     )
@@ -152,6 +181,20 @@ class Settings(BaseSettings):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
+    @field_validator("learning_curve_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [int(v) for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("learning_curve_sizes")
+    @classmethod
+    def _check_sizes(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError("expected positive integers, e.g. 5,10,20,50,100")
+        return sorted(set(value))
+
     @field_validator("schedule_cron")
     @classmethod
     def _check_cron(cls, value: str) -> str:
@@ -219,7 +262,7 @@ def settings_table() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
         if isinstance(default, list):
-            default = ",".join(default)
+            default = ",".join(str(d) for d in default)
         shown = f"`{default}`" if default not in (None, "", {}) else "–"
         rows.append(f"| `{Settings.env_name(name)}` | {shown} | {field.description} |")
     return "\n".join(rows)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from kiban.models.card import ModelCard
 from kiban.shards import ShardMeta
+from kiban_reporter.decision_schema import CostProjection
 
 
 class CostSummary(BaseModel):
@@ -37,6 +38,24 @@ class CostSummary(BaseModel):
         None, description="Multiply-accumulates per image, counted from the ONNX graph."
     )
     model_file_bytes: int
+    p50_batch_seconds: float | None = Field(
+        None, description="Median wall time of one inference call of ``batch_size`` images."
+    )
+    cores: int | None = Field(None, description="CPU cores the encoder could use.")
+    device_seconds_per_1k: float | None = Field(
+        None, description="Core-seconds (CPU) or GPU-seconds (GPU) per 1k images."
+    )
+    device_seconds_unit: str = Field("core-seconds", description="core-seconds | gpu-seconds")
+    devices: list[str] = Field(
+        default_factory=list, description="Device labels the shards were encoded on."
+    )
+    mixed_devices: bool = Field(
+        False, description="Shards came from different devices/providers: throughput is a mix."
+    )
+    storage_bytes_per_million: int | None = Field(
+        None, description="Qdrant storage per million images (vectors + HNSW links + payload)."
+    )
+    projection: CostProjection | None = None
 
 
 def summarise_cost(

@@ -42,7 +42,6 @@ Each protocol has its own planner (``plan_leave_one_out`` ... ``plan_cross_batch
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -53,17 +52,10 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, Field
 
 from kiban.messages import EvaluationProtocol
+from kiban.splits import SPLIT_RULE, held_out_units, unit_fraction  # noqa: F401 - re-exported
 
 ProtocolName = Literal["auto", "leave-one-out", "leave-one-group-out", "split", "cross-batch"]
 
-SPLIT_SALT = "kiban-split:"
-SPLIT_RULE = (
-    "unit = group (the image's sha256 when it has no group); "
-    "u = first 8 bytes of sha256('kiban-split:' + unit) as an unsigned big-endian integer / 2^64; "
-    "the unit's images are queries (query_split) when u < test_fraction, else candidates "
-    "('index'); if that leaves one side empty, the unit with the smallest u (or the largest) "
-    "moves over"
-)
 SAMPLE_RULE = (
     "class-stratified: one query per class first (when the sample is at least the number of "
     "classes), the rest in proportion to class size minus one (largest remainder, ties by class "
@@ -157,12 +149,6 @@ class ProtocolPlan:
         return codes
 
 
-def unit_fraction(unit: str) -> float:
-    """A deterministic number in [0, 1) for a split unit (group or sha256)."""
-    digest = hashlib.sha256(f"{SPLIT_SALT}{unit}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
 def assign_splits(
     rows: Sequence[EvalRow], query_split: str, test_fraction: float
 ) -> tuple[list[str | None], SplitAssignment]:
@@ -176,13 +162,7 @@ def assign_splits(
         rule = "splits from the manifest; images without a split are candidates"
     else:
         other = "index" if query_split != "index" else "candidates"
-        uniq = sorted(set(units))
-        frac = {u: unit_fraction(u) for u in uniq}
-        test = {u for u in uniq if frac[u] < test_fraction}
-        if uniq and not test:
-            test = {min(uniq, key=lambda u: frac[u])}
-        if len(uniq) > 1 and len(test) == len(uniq):
-            test.discard(max(uniq, key=lambda u: frac[u]))
+        test = held_out_units(units, test_fraction)
         splits = [query_split if u in test else other for u in units]
         source, fraction, rule = "hash", test_fraction, SPLIT_RULE
     side = ["query" if s == query_split else "other" for s in splits]

@@ -3,6 +3,9 @@
 Schema ``kiban.report`` version 2 (every field documented in docs/report.md). Reports are never
 overwritten: each evaluation writes ``reports/<batch>/<version>/`` with the next version.
 
+v3 over v2: ``decision`` (first line, Pareto front, non-inferiority), ``learning_curves``,
+``trend``, ``leakage``, and the cost section's projection, latency, device-seconds and storage.
+
 v2 over v1: ``protocol`` records the requested and resolved protocol, query / candidate counts,
 the split assignment, the cross-batch history and the query sample; every model has an
 ``ann_check`` (Qdrant vs exact top-k). All v1 keys keep their meaning.
@@ -19,11 +22,12 @@ from pydantic import BaseModel, Field
 from kiban.progress import ChunkFailure
 from kiban_reporter.ann_check import AnnCheck
 from kiban_reporter.cost import CostSummary
+from kiban_reporter.decision_schema import Decision, LeakageCheck, LearningCurves, Trend
 from kiban_reporter.metrics import PairComparison, RetrievalResult
 from kiban_reporter.protocols import CrossBatchHistory, QuerySample, SplitAssignment
 
 REPORT_SCHEMA = "kiban.report"
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 
 
 class BatchSummary(BaseModel):
@@ -113,6 +117,14 @@ class Report(BaseModel):
     failed_chunks: list[ChunkFailure] = Field(
         default_factory=list,
         description="Chunks a stage gave up on (dead-lettered): left out, with the reason.",
+    )
+    decision: Decision | None = Field(
+        None, description="Which model to run and why (null when nothing was scored)."
+    )
+    learning_curves: LearningCurves | None = None
+    trend: Trend | None = None
+    leakage: list[LeakageCheck] = Field(
+        default_factory=list, description="Trained models' training sets vs this evaluation."
     )
     warnings: list[str]
 

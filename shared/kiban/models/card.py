@@ -38,6 +38,35 @@ class ParityResult(BaseModel):
     threshold_cosine: float = 0.999
 
 
+class TrainingProvenance(BaseModel):
+    """How a trained specialist was made: enough to redo it and to prove what it never saw.
+
+    The training set's sha256 list is stored beside the model
+    (``models/<name>/training-set.json``, ``kiban.models.registry.load_training_set``); the
+    reporter excludes those images from the queries of any evaluation of this model.
+    """
+
+    mode: Literal["head", "finetune"]
+    base_model: str = Field(description="Registry name (or export spec) of the base network.")
+    base_source: str = Field(description="The base's export spec.")
+    batches: list[str]
+    split: str = Field(description="Which images of the batches were trained on, and why.")
+    training_set_sha256: str = Field(
+        description="sha256 of the sorted image sha256s (one per line) trained on."
+    )
+    n_images: int
+    images_per_class: dict[str, int]
+    objective: str = Field(
+        description="Loss (and miner), e.g. 'arcface (pytorch-metric-learning)'."
+    )
+    epochs: int
+    seed: int
+    loss_per_epoch: list[float]
+    wall_seconds: float
+    device: str = Field(description="Where it trained, e.g. 'cpu (AMD EPYC, 2 threads)'.")
+    libraries: dict[str, str] = Field(default_factory=dict, description="Library versions.")
+
+
 class ModelCard(BaseModel):
     schema_version: int = CARD_SCHEMA_VERSION
     name: str
@@ -60,6 +89,9 @@ class ModelCard(BaseModel):
     input_name: str = "images"
     output_name: str = "embedding"
     parity: ParityResult | None = None
+    training: TrainingProvenance | None = Field(
+        None, description="Set for a specialist trained by kiban (`kiban train`)."
+    )
     exported_at: str
     exporter: dict[str, str] = Field(default_factory=dict, description="Library versions.")
     notes: list[str] = Field(default_factory=list)

@@ -8,6 +8,7 @@ confused with the old one.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from kiban.errors import ModelNotFoundError, StoreError
@@ -22,6 +23,28 @@ def model_key(name: str) -> str:
 
 def card_key(name: str) -> str:
     return f"models/{name}/card.json"
+
+
+def training_set_key(name: str) -> str:
+    return f"models/{name}/training-set.json"
+
+
+def publish_training_set(store: ObjectStore, name: str, sha256s: list[str]) -> None:
+    """The sorted sha256s a specialist trained on; written before its card (publish)."""
+    store.put(training_set_key(name), json.dumps(sorted(set(sha256s))).encode())
+
+
+def load_training_set(store: ObjectStore, card: ModelCard) -> frozenset[str]:
+    """The images ``card``'s model was trained on (empty for a model kiban did not train)."""
+    if card.training is None:
+        return frozenset()
+    try:
+        return frozenset(json.loads(store.get(training_set_key(card.name))))
+    except StoreError:
+        raise StoreError(
+            f"model {card.name!r} was trained by kiban but its training set "
+            f"({training_set_key(card.name)}) is missing: leakage cannot be checked"
+        ) from None
 
 
 def publish(store: ObjectStore, card: ModelCard, onnx_path: Path) -> None:

@@ -143,7 +143,7 @@ def _report() -> Report:
 
 def test_markdown_renders_every_section_from_the_report() -> None:
     report = _report()
-    assert report.schema_version == REPORT_SCHEMA_VERSION == 2
+    assert report.schema_version == REPORT_SCHEMA_VERSION == 3
     md = render_markdown(report)
     for heading in (
         "# kiban report — batch `b` (version 0003)",
@@ -180,7 +180,7 @@ def test_markdown_renders_every_section_from_the_report() -> None:
 def test_report_round_trips_through_json_and_renders_the_same() -> None:
     report = _report()
     data = json.loads(report.to_json())
-    assert data["schema"] == "kiban.report" and data["schema_version"] == 2
+    assert data["schema"] == "kiban.report" and data["schema_version"] == 3
     assert data["protocol"]["split"]["source"] == "hash"
     assert data["protocol"]["query_sample"]["size"] == 10
     assert data["models"][0]["ann_check"]["recall_at_k"] == 0.9876
