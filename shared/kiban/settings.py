@@ -78,6 +78,30 @@ class Settings(BaseSettings):
     device_label: str = Field(
         "cpu", description="Free-text name of the hardware, printed in cost tables."
     )
+    max_object_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1024,
+        description="Largest object or file kiban reads (images, manifests), enforced while "
+        "streaming: a larger one is quarantined (images) or refused (manifests).",
+    )
+    allowed_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Distributed mode: the only local directories (comma-separated) that file:// "
+        "sources, manifests and export destinations in messages may name; others are "
+        "dead-lettered. Embedded mode (your own command line) is not restricted.",
+    )
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="If set, the only S3 buckets (comma-separated) that sources, manifests and "
+        "export destinations in messages may name.",
+    )
+    max_message_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest queue message a worker parses; larger ones are dead-lettered unread "
+        "(a truncated copy and its sha256 are kept).",
+    )
     volume_images_per_night: int | None = Field(
         None,
         ge=1,
@@ -174,7 +198,9 @@ class Settings(BaseSettings):
         pool = self.encode_pools.get(model)
         return f"encode.{pool}" if pool else "encode"
 
-    @field_validator("ort_providers", "schedule_models", mode="before")
+    @field_validator(
+        "ort_providers", "schedule_models", "allowed_roots", "allowed_buckets", mode="before"
+    )
     @classmethod
     def _split_providers(cls, value: object) -> object:
         if isinstance(value, str):
