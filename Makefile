@@ -42,6 +42,7 @@ bench: install
 
 docs: install
 	$(PY) tools/regen_readme.py
+	$(PY) tools/regen_schema.py
 
 clean:
 	rm -rf .kiban .pytest_cache .mypy_cache .ruff_cache

@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_encoder.py", "bench_knn.py", "bench_qdrant.py", "bench_distributed.py"]
+BENCHES = [
+    "bench_encoder.py",
+    "bench_knn.py",
+    "bench_qdrant.py",
+    "bench_distributed.py",
+    "bench_decision.py",
+]
 
 
 def main() -> int:

@@ -91,8 +91,16 @@ def run_batch(
     timeout: float = 24 * 3600,
     poll_seconds: float = 0.5,
     protocol: EvaluationProtocol | None = None,
+    volume_images_per_night: int | None = None,
 ) -> dict[str, Any]:
-    """Ingest, encode with every model, index and evaluate one batch; returns the report."""
+    """Ingest, encode with every model, index and evaluate one batch; returns the report.
+
+    ``volume_images_per_night`` sets the report's cost projection: embedded, the in-process
+    reporter uses it; distributed, the reporter workers' own setting applies (the run plan
+    does not carry it) and ``kiban report show --volume`` recomputes the projection.
+    """
+    if volume_images_per_night is not None:
+        settings = settings.model_copy(update={"volume_images_per_night": volume_images_per_night})
     use_settings(settings)
     configure(settings)
     store = open_store(
@@ -158,6 +166,7 @@ def evaluate_stored(
     protocol: EvaluationProtocol,
     timeout: float = 24 * 3600,
     poll_seconds: float = 0.5,
+    volume_images_per_night: int | None = None,
 ) -> dict[str, Any]:
     """Re-evaluate a batch from its stored embeddings (no re-encoding): a new report version."""
     use_settings(settings)
@@ -176,7 +185,12 @@ def evaluate_stored(
             )
     request_id = uuid.uuid4().hex[:16]
     message = EvaluateBatch(
-        batch_id=batch_id, models=models, k=ks, protocol=protocol, request_id=request_id
+        batch_id=batch_id,
+        models=models,
+        k=ks,
+        protocol=protocol,
+        request_id=request_id,
+        volume_images_per_night=volume_images_per_night,
     )
     dead_letters = DeadLetterWatch(store, batch_id)
     dispatch(message, settings)

@@ -55,6 +55,31 @@ class ChunkPlan(BaseModel):
     stop: int
 
 
+class KeyLabel(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    label: str | None = None
+
+
+class LabelConflict(BaseModel):
+    """Byte-identical images (one sha256) under keys labelled differently.
+
+    The record is the first key in code-point order and keeps that key's label (``kept``);
+    the other keys with a different label are ``dropped`` (still listed as duplicates).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    sha256: str
+    kept: KeyLabel
+    dropped: list[KeyLabel]
+
+
+#: Label conflicts kept in batch.json (the count is always complete).
+MAX_LABEL_CONFLICTS = 1000
+
+
 class BatchInfo(BaseModel):
     schema_version: int = SCHEMA_VERSION
     batch_id: str
@@ -69,6 +94,13 @@ class BatchInfo(BaseModel):
     classes: list[str]
     chunks: list[ChunkPlan]
     created_at: str
+    n_label_conflicts: int = Field(
+        0, description="Byte-identical images whose keys carry different labels."
+    )
+    label_conflicts: list[LabelConflict] = Field(
+        default_factory=list,
+        description=f"The first {MAX_LABEL_CONFLICTS:,} label conflicts, by kept key.",
+    )
 
 
 def batch_prefix(batch_id: str) -> str:

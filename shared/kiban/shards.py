@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from kiban.store import ObjectStore
 
@@ -40,6 +40,17 @@ class ShardMeta(BaseModel):
     batch_size: int
     wall_seconds: float
     inference_seconds: float
+    # Added for the cost model (issue 8); defaulted so that shards written before still load.
+    batch_seconds: list[float] = Field(
+        default_factory=list,
+        description="Wall time of each inference call (``batch_size`` images, the last fewer).",
+    )
+    cores: int | None = Field(
+        None, description="CPU cores the encoder could use (the ORT thread count when set)."
+    )
+    device: str | None = Field(
+        None, description="KIBAN_DEVICE_LABEL and the CPU or GPU model that ran, e.g. 'cpu (…)'."
+    )
 
 
 @dataclass(frozen=True)

@@ -65,3 +65,39 @@ POINTS_UPSERTED = Counter("kiban_points_upserted_total", "Vectors written to Qdr
 TASK_RETRIES = Counter("kiban_task_retries_total", "Retries after transient errors", ["task"])
 DEAD_LETTERS = Counter("kiban_dead_letters_total", "Messages dead-lettered", ["task"])
 QUEUE_LENGTH = Gauge("kiban_queue_length", "Messages waiting in a broker queue", ["queue"])
+
+# Retrieval quality of the latest evaluation, set by the reporter after it writes a report
+# (kiban_reporter.trend.export_gauges). Labels are bounded: ``series`` is the batch series
+# (e.g. "nightly-"; "none" for a batch without earlier batches of its series), ``metric`` a
+# KMetrics field at the headline k (mv5_macro_f1, mv5_accuracy, acc5, map5, mv5_weighted_f1).
+# Never a batch id or a class label.
+QUALITY = Gauge(
+    "kiban_quality",
+    "Retrieval quality of the latest evaluated report at the headline k (point estimate)",
+    ["series", "model", "metric"],
+)
+QUALITY_CI_LOW = Gauge(
+    "kiban_quality_ci_low",
+    "Lower bound of the bootstrap interval of kiban_quality",
+    ["series", "model", "metric"],
+)
+QUALITY_CI_HIGH = Gauge(
+    "kiban_quality_ci_high",
+    "Upper bound of the bootstrap interval of kiban_quality",
+    ["series", "model", "metric"],
+)
+QUALITY_BASELINE = Gauge(
+    "kiban_quality_baseline",
+    "Trailing baseline of the headline metric: mean over the series' earlier batches",
+    ["series", "model", "metric"],
+)
+QUALITY_REGRESSION = Gauge(
+    "kiban_quality_regression",
+    "1 when the latest headline CI upper bound is below the trailing baseline, else 0",
+    ["series", "model"],
+)
+LAST_EVALUATION = Gauge(
+    "kiban_last_evaluation_timestamp_seconds",
+    "Unix time of the latest report written for the series",
+    ["series"],
+)

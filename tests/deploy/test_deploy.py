@@ -507,8 +507,15 @@ def test_dashboard_uses_only_exported_metrics() -> None:
         "kiban_images_quarantined_total",
         "kiban_points_upserted_total",
         "kiban_dead_letters_total",
+        "kiban_quality",
+        "kiban_quality_ci_low",
+        "kiban_quality_baseline",
+        "kiban_quality_regression",
+        "kiban_last_evaluation_timestamp_seconds",
     ):
         assert metric in used, metric
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert rows[:2] == ["Encoding", "Quality"]  # quality beside throughput
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
 
@@ -534,7 +541,20 @@ def test_alerts_use_only_exported_metrics() -> None:
         "KibanEncodeStalled",
         "KibanTaskFailureRate",
         "KibanNoNightlyRun",
+        "KibanQualityRegression",
     }
+
+
+def test_quality_metrics_have_bounded_labels() -> None:
+    """The series, the model, the metric name: never a batch id or a class label."""
+    exported = _exported_metrics()
+    quality = {
+        name: labels
+        for name, labels in exported.items()
+        if name.startswith(("kiban_quality", "kiban_last_evaluation"))
+    }
+    assert len(quality) == 6
+    assert all(labels <= {"series", "model", "metric"} for labels in quality.values())
 
 
 def test_prometheus_rule_is_the_alerts_file(
@@ -547,6 +567,7 @@ def test_prometheus_rule_is_the_alerts_file(
     (rule,) = of_kind(render(values), "PrometheusRule").values()
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     assert "KibanNoNightlyRun" not in alerts and "KibanDeadLettersIncreasing" in alerts
+    assert "KibanQualityRegression" in alerts
 
 
 needs_promtool = pytest.mark.skipif(
@@ -561,7 +582,28 @@ def test_promtool_checks_the_alert_rules() -> None:
         ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 5 rules found" in result.stdout
+
+
+@needs_promtool
+def test_promtool_parses_the_dashboard_queries(tmp_path: Path) -> None:
+    """Every panel query is valid PromQL (as a recording rule, Grafana variables filled in)."""
+    filled = {"$namespace": ".*", "$__rate_interval": "5m", "$__range": "1h"}
+    rules = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in filled.items():
+                expr = expr.replace(variable, value)
+            rules.append(
+                {"record": f"dashboard:panel{panel['id']}:{target['refId']}", "expr": expr}
+            )
+    path = tmp_path / "dashboard_rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @needs_promtool

@@ -29,7 +29,7 @@ def _dataset(root: Path, seed: int) -> Path:
 
 
 def _check_scored(report: dict[str, Any], models: list[str], n_queries: int) -> None:
-    assert report["schema"] == "kiban.report" and report["schema_version"] == 2
+    assert report["schema"] == "kiban.report" and report["schema_version"] == 3
     assert report["protocol"]["definitions"] == "docs/report.md#definitions"
     assert [m["name"] for m in report["models"]] == models
     for m in report["models"]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import shutil
+import subprocess
 import time
 
 import numpy as np
@@ -22,6 +26,63 @@ log = logging.getLogger(__name__)
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
+
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def usable_cores(threads: int) -> int:
+    """CPU cores this process may run on, or the ORT thread count when that is set (and fewer)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        available = os.cpu_count() or 1
+    return min(threads, available) if threads > 0 else available
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return None
+
+
+def _gpu_model() -> str | None:
+    """The first visible GPU's name from nvidia-smi (ORT does not say); None if it can't tell."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    cmd = [smi, "--query-gpu=name", "--format=csv,noheader"]
+    if visible:
+        cmd += ["-i", visible]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return names[0] if names else None
+
+
+@functools.lru_cache(maxsize=8)
+def describe_device(label: str, provider: str) -> str:
+    """KIBAN_DEVICE_LABEL plus the hardware that ran: the GPU for CUDA/TensorRT, else the CPU.
+
+    Recorded with every shard so the reporter states the encoder's hardware, not its own.
+    Never fails: hardware it cannot name is left out.
+    """
+    try:
+        gpu = provider in GPU_PROVIDERS
+        hardware = _gpu_model() if gpu else _cpu_model()
+    except Exception:  # noqa: BLE001 - a label must never fail an encode
+        gpu, hardware = provider in GPU_PROVIDERS, None
+    if gpu and label == "cpu":  # the setting's default says nothing about a GPU
+        label = "gpu"
+    return f"{label} ({hardware})" if hardware else label
 
 
 def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
@@ -48,6 +109,7 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
     source = ctx.open_source(info.source)
     t0 = time.perf_counter()
     infer_seconds = 0.0
+    batch_seconds: list[float] = []
     sha256s: list[str] = []
     keys: list[str] = []
     parts: list[np.ndarray] = []
@@ -66,7 +128,8 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
             continue
         t_inf = time.perf_counter()
         raw = model.run(batch.pixels)
-        infer_seconds += time.perf_counter() - t_inf
+        batch_seconds.append(time.perf_counter() - t_inf)
+        infer_seconds += batch_seconds[-1]
         parts.append(l2_normalise(raw))
         sha256s.extend(r.sha256 for r in batch.records)
         keys.extend(r.key for r in batch.records)
@@ -86,6 +149,9 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
         batch_size=s.batch_size,
         wall_seconds=wall,
         inference_seconds=infer_seconds,
+        batch_seconds=batch_seconds,
+        cores=usable_cores(s.threads),
+        device=describe_device(s.device_label, model.provider),
     )
     write_shard(ctx.store, meta, sha256s, keys, vectors)
     IMAGES_ENCODED.labels(msg.model, model.provider).inc(len(sha256s))

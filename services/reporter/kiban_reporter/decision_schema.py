@@ -79,17 +79,31 @@ class CurvePoint(BaseModel):
 
     per_class: int | None = Field(description="null = every labelled image (the full index).")
     candidates: float = Field(description="Mean labelled images in the index over the repeats.")
-    value: float | None
+    value: float | None = Field(description="Mean over the repeats of the headline metric.")
     ci_low: float | None
     ci_high: float | None
     repeats: int
+    queries: float | None = Field(
+        None,
+        description="Mean queries scored over the repeats (those with at least one candidate "
+        "in the subset; a query whose own group holds every subset image has none).",
+    )
 
 
 class LearningCurve(BaseModel):
     model: str
     points: list[CurvePoint]
+    gain: float | None = Field(
+        None, description="Full index minus the largest size (the last step); null if none."
+    )
+    gain_ci_low: float | None = Field(
+        None, description="Paired interval of ``gain`` (same draws for both points)."
+    )
+    gain_ci_high: float | None = None
     flattened: bool | None = Field(
-        description="The last step (largest size → all) gained less than δ; null if unknown."
+        description="true: the last step (largest size → all) gained less than δ. false: it "
+        "gained at least δ and its interval excludes 0 (still improving). null: it gained at "
+        "least δ within the noise (interval includes 0), or there is no smaller point."
     )
 
 
@@ -97,26 +111,36 @@ class LearningCurves(BaseModel):
     """Is the labelled set big enough? Per model, quality against labelled images per class."""
 
     metric: str
-    sizes: list[int]
+    sizes: list[int] = Field(description="Per-class sizes drawn (below the largest class).")
+    dropped_sizes: list[int] = Field(
+        default_factory=list,
+        description="Sizes asked for but not below the largest class: they equal the full index.",
+    )
+    largest_class: int | None = Field(None, description="Labelled images of the largest class.")
+    n_queries: int | None = Field(None, description="Queries scored at the full index.")
     repeats: int
     seed: int
+    margin: float | None = Field(None, description="δ used for ``flattened`` and the verdict.")
     interval: str = Field(description="How the CIs are formed.")
     curves: list[LearningCurve]
     verdict_may_change: bool | None = Field(
-        description="More labels would likely change which model wins."
+        description="Between the last two points the models' order changed, or the gap between "
+        "the best two moved by more than δ; null with fewer than two models or points."
     )
     statement: str
     seconds: float
 
 
 class TrendPoint(BaseModel):
+    """One batch of the series: the model's headline metric and throughput in its report."""
+
     batch_id: str
     report_version: str
-    created_at: str
+    created_at: str = Field(description="The report's created_at.")
     value: float | None
     ci_low: float | None
     ci_high: float | None
-    images_per_second: float | None
+    images_per_second: float | None = Field(description="cost.encode_images_per_second.")
 
 
 class ModelTrend(BaseModel):
@@ -137,6 +161,15 @@ class Trend(BaseModel):
     rule: str = Field(description="When the regression flag is raised.")
     models: list[ModelTrend]
     regressions: list[str] = Field(default_factory=list, description="Models flagged tonight.")
+    earlier_batches: list[str] = Field(
+        default_factory=list,
+        description="The series' earlier batches in the window (read or left out), oldest first.",
+    )
+    notes: list[str] = Field(
+        default_factory=list,
+        description="Earlier reports left out (unreadable, another protocol or headline k) "
+        "and why.",
+    )
 
 
 class LeakageCheck(BaseModel):

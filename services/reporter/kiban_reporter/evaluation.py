@@ -35,12 +35,18 @@ from kiban.records import (
 )
 from kiban.shards import is_complete, shard_batches
 from kiban_reporter.ann_check import AnnCheck, ann_check
-from kiban_reporter.cost import summarise_cost
+from kiban_reporter.cost import cost_warnings, payload_bytes, summarise_cost
+from kiban_reporter.decision import decide
+from kiban_reporter.decision_schema import LearningCurves
 from kiban_reporter.embeddings import BatchEmbeddings, load_batch_embeddings
+from kiban_reporter.html import render_html
+from kiban_reporter.leakage import Leakage, check_leakage, exclude_queries, training_sets
+from kiban_reporter.learning_curve import learning_curves
 from kiban_reporter.markdown import render_markdown
 from kiban_reporter.metrics import PairComparison, RetrievalResult, compare, evaluate
 from kiban_reporter.protocols import EvalRow, ProtocolPlan, plan_protocol
 from kiban_reporter.report import BatchSummary, ModelSection, Protocol, Report
+from kiban_reporter.trend import build_trend
 
 if TYPE_CHECKING:
     from kiban.vectors import VectorIndex
@@ -350,9 +356,19 @@ def score_model(
 
 
 def model_section(
-    ctx: Context, model: str, card: ModelCard, emb: BatchEmbeddings, score: ModelScore
+    ctx: Context,
+    model: str,
+    card: ModelCard,
+    emb: BatchEmbeddings,
+    score: ModelScore,
+    info: BatchInfo | None = None,
+    volume: int | None = None,
 ) -> ModelSection:
-    """The report's entry for one model: what it is, what it encoded, its scores and cost."""
+    """The report's entry for one model: what it is, what it encoded, its scores and cost.
+
+    The cost's device is the encoder's, read from the shards; the Qdrant payload size is
+    estimated from this batch's records (``info``); ``volume`` adds the nightly projection.
+    """
     return ModelSection(
         name=model,
         family=card.family,
@@ -372,7 +388,8 @@ def model_section(
             card,
             ctx.settings.price_per_hour,
             ctx.settings.price_currency,
-            ctx.settings.device_label,
+            payload=payload_bytes(emb.records, info.batch_id, info.source) if info else None,
+            volume=volume,
         ),
         ann_check=score.ann,
     )
@@ -385,6 +402,7 @@ def score_models(
     data: EvaluationRows,
     plan: ProtocolPlan | None,
     ks: list[int],
+    info: BatchInfo | None = None,
 ) -> tuple[list[ModelSection], dict[str, RetrievalResult], list[str]]:
     """Every model's section (in request order), the scored results by model, and warnings.
 
@@ -395,6 +413,7 @@ def score_models(
     sections: list[ModelSection] = []
     results: dict[str, RetrievalResult] = {}
     warnings: list[str] = []
+    volume = msg.volume_images_per_night or ctx.settings.volume_images_per_night
     for model in msg.models:
         card = cards[model]
         score = ModelScore()
@@ -403,7 +422,9 @@ def score_models(
         if score.result is not None:
             results[model] = score.result
         warnings.extend(score.warnings)
-        sections.append(model_section(ctx, model, card, data.current[model], score))
+        section = model_section(ctx, model, card, data.current[model], score, info, volume)
+        sections.append(section)
+        warnings.extend(cost_warnings(model, section.cost))
         if not card.pretrained:
             warnings.append(
                 f"{model}: no trained weights (random initialisation) — a baseline only"
@@ -452,6 +473,8 @@ def batch_summary(info: BatchInfo, quarantine: Sequence[QuarantineEntry]) -> Bat
         classes=info.classes,
         quarantine_reasons=dict(sorted(reasons.items())),
         quarantine=[q.model_dump() for q in quarantine[:100]],
+        n_label_conflicts=info.n_label_conflicts,
+        label_conflicts=info.label_conflicts[:100],
     )
 
 
@@ -482,10 +505,12 @@ def protocol_summary(
 
 
 def write_report(ctx: Context, report: Report) -> None:
-    """Store the report as JSON (the record) and Markdown (rendered from that JSON)."""
+    """Store the report as JSON (the record), and Markdown and self-contained HTML rendered
+    from it."""
     prefix = f"{report_prefix(report.batch_id)}/{report.version}"
     ctx.store.put(f"{prefix}/report.json", report.to_json().encode())
     ctx.store.put(f"{prefix}/report.md", render_markdown(report).encode())
+    ctx.store.put(f"{prefix}/report.html", render_html(report).encode())
     log.info("report %s/%s written", report.batch_id, report.version)
 
 
@@ -528,8 +553,9 @@ def chunk_failures(
 def evaluate_batch(msg: EvaluateBatch, ctx: Context) -> Report:
     """Evaluate a batch from its stored embeddings and write the next report version.
 
-    The steps run in a fixed order — rows, protocol, models, comparisons — and the report's
-    warnings are listed in that order.
+    The steps run in a fixed order — rows, protocol, leakage check (queries any evaluated
+    model was trained on leave every model's queries), models (metrics, cost), comparisons,
+    decision — and the report's warnings are listed in that order.
     """
     info = read_batch_info(ctx.store, msg.batch_id)
     quarantine = read_quarantine(ctx.store, msg.batch_id)
@@ -539,17 +565,23 @@ def evaluate_batch(msg: EvaluateBatch, ctx: Context) -> Report:
     if not info.labelled:
         warnings.append("batch has no labels: embedded and indexed, not scored")
     cards = {m: load_card(ctx.store, m) for m in msg.models}
+    trained = training_sets(ctx.store, cards)  # a missing training set fails here, clearly
     failures, failure_warnings = chunk_failures(ctx, msg, info)
     warnings.extend(failure_warnings)
     data = load_evaluation_rows(ctx, msg, info, cards)
     warnings.extend(data.warnings)
     plan = plan_evaluation(msg, info, data)
+    leakage = Leakage()
     if plan is not None:
         warnings.extend(plan.warnings)
-    sections, results, model_warnings = score_models(ctx, msg, cards, data, plan, ks)
+        leakage = check_leakage(data.rows, plan, trained)
+        plan = exclude_queries(plan, leakage)
+        warnings.extend(leakage.warnings)
+    sections, results, model_warnings = score_models(ctx, msg, cards, data, plan, ks, info)
     warnings.extend(model_warnings)
     comparisons = compare_models(msg.models, results, hk)
     warnings.extend(comparisons.warnings)
+    curves = learning_curves_of(ctx, msg, data, plan, results, hk)
     report = Report(
         version=next_version(ctx, msg.batch_id),
         request_id=msg.request_id,
@@ -561,10 +593,44 @@ def evaluate_batch(msg: EvaluateBatch, ctx: Context) -> Report:
         comparisons=comparisons.pairs,
         verdicts=comparisons.verdicts,
         failed_chunks=failures,
+        decision=decide(sections, comparisons.pairs, hk, ctx.settings.noninferiority_margin),
+        leakage=leakage.checks,
+        learning_curves=curves,
         warnings=warnings,
     )
+    report.trend = build_trend(ctx.store, report, ctx.settings.trend_window)
+    if report.trend is not None:
+        report.warnings.extend(f"trend: {m.statement}" for m in report.trend.models if m.regression)
     write_report(ctx, report)
     return report
+
+
+def learning_curves_of(
+    ctx: Context,
+    msg: EvaluateBatch,
+    data: EvaluationRows,
+    plan: ProtocolPlan | None,
+    results: dict[str, RetrievalResult],
+    hk: int,
+) -> LearningCurves | None:
+    """Is the labelled set big enough? Curves over the final plan (after the leakage check).
+
+    Reuses the evaluation's full-index predictions, so it costs less than the evaluation.
+    """
+    if plan is None or not results:
+        return None
+    return learning_curves(
+        {m: data.vectors[m] for m in results},
+        [r.label for r in data.rows],
+        plan,
+        headline_k=hk,
+        sizes=ctx.settings.learning_curve_sizes,
+        repeats=ctx.settings.learning_curve_repeats,
+        seed=msg.protocol.seed,
+        margin=ctx.settings.noninferiority_margin,
+        bootstrap=msg.protocol.bootstrap,
+        results=results,
+    )
 
 
 def _vector_index(ctx: Context) -> VectorIndex:

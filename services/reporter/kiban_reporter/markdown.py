@@ -201,10 +201,205 @@ def _differences_table(comparisons: list[PairComparison]) -> list[str]:
     return [*out, ""]
 
 
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _decision_line(report: Report) -> str:
+    if report.decision is None:
+        return "**Decision:** none — the batch was not scored (see warnings)."
+    return f"**Decision:** {report.decision.line}"
+
+
+def _decision_section(report: Report) -> list[str]:
+    d = report.decision
+    if d is None:
+        return []
+    unit = f"{d.currency} / 1k img" if d.cost_basis == "price per 1k images" else "s / 1k img"
+    digits = 4 if d.cost_basis == "price per 1k images" else 1
+    out = [
+        "## Decision",
+        "",
+        f"**{d.line}**",
+        "",
+        f"Quality: {d.metric} (point estimate, 95% CI); cost: {d.cost_basis}; "
+        f"non-inferiority margin δ = {d.margin:g}.",
+        "",
+        f"| model | {d.metric} | {unit} | on the Pareto front | dominated by |",
+        "|---|---|---|---|---|",
+    ]
+    for pt in d.pareto:
+        q = (
+            "–"
+            if pt.quality is None
+            else f"{pt.quality:.3f}"
+            + (
+                f" [{pt.quality_ci_low:.3f}, {pt.quality_ci_high:.3f}]"
+                if pt.quality_ci_low is not None and pt.quality_ci_high is not None
+                else ""
+            )
+        )
+        out.append(
+            f"| {pt.model} | {q} | {_num(pt.cost, digits)} | {'yes' if pt.on_front else 'no'} "
+            f"| {', '.join(pt.dominated_by) or '–'} |"
+        )
+    if d.non_inferiority:
+        out += ["", "Cheaper model against dearer model (paired CI of cheaper − dearer):", ""]
+        out += [f"- **{n.outcome}**: {n.statement}" for n in d.non_inferiority]
+    if d.notes:
+        out += ["", *(f"- {note}" for note in d.notes)]
+    return [*out, ""]
+
+
+def _cost_section(report: Report) -> list[str]:
+    if not report.models:
+        return []
+    cur = report.models[0].cost.currency
+    out = [
+        "## Cost",
+        "",
+        "Measured by the encoder on its own hardware (the device column); device-seconds are "
+        "core-seconds (wall × cores) on a CPU, GPU-seconds (wall) on a GPU.",
+        "",
+        "| model | device | provider | cores | batch | p50 s / batch | img/s | s / 1k img "
+        f"| device-s / 1k img | {cur} / 1k img | storage / 1M img |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    projections = []
+    for s in report.models:
+        c = s.cost
+        out.append(
+            f"| {s.name} | {c.device} | {c.provider} | {c.cores if c.cores else '–'} "
+            f"| {c.batch_size} | {_num(c.p50_batch_seconds, 3)} "
+            f"| {_num(c.encode_images_per_second, 1)} | {_num(c.seconds_per_1k, 1)} "
+            f"| {_num(c.device_seconds_per_1k, 1)}"
+            f"{' ' + c.device_seconds_unit if c.device_seconds_per_1k is not None else ''} "
+            f"| {_num(c.cost_per_1k, 4)} | {_bytes(c.storage_bytes_per_million)} |"
+        )
+        if c.projection is not None:
+            projections.append((s.name, c))
+    out += [
+        "",
+        "Storage per million images = 10⁶ × (4 bytes × dim + HNSW links 4 × (32 + 16/15) bytes "
+        "(Qdrant's default m = 16) + the mean payload per point).",
+    ]
+    if projections:
+        vol = projections[0][1].projection
+        assert vol is not None
+        out += [
+            "",
+            f"Projection for {vol.volume_images_per_night:,} images a night (one worker like "
+            "the one that ran; a month = 30 nights):",
+            "",
+            f"| model | hours / night | device-hours / night | {cur} / night | {cur} / month |",
+            "|---|---|---|---|---|",
+        ]
+        for name, c in projections:
+            pr = c.projection
+            assert pr is not None
+            out.append(
+                f"| {name} | {_num(pr.hours_per_night, 2)} | {_num(pr.device_hours_per_night, 2)} "
+                f"| {_num(pr.price_per_night, 2)} | {_num(pr.price_per_month, 2)} |"
+            )
+    if any(s.cost.mixed_devices for s in report.models):
+        out += [
+            "",
+            *(
+                f"- {s.name}: **mixed devices** — its shards came from {s.cost.device} "
+                f"({s.cost.provider}); the throughput is a mix"
+                for s in report.models
+                if s.cost.mixed_devices
+            ),
+        ]
+    return [*out, ""]
+
+
+def _leakage_section(report: Report) -> list[str]:
+    if not report.leakage:
+        return []
+    out = [
+        "## Leakage check",
+        "",
+        "Images a model kiban trained was trained on (by sha256) are removed from the queries "
+        "of every model; as candidates (the searched index) they are allowed and counted.",
+        "",
+        "| model | training images | queries trained on (excluded) | candidates trained on |",
+        "|---|---|---|---|",
+    ]
+    out += [
+        f"| {c.model} | {c.training_images} | {c.overlap_queries} | {c.overlap_candidates} |"
+        for c in report.leakage
+    ]
+    return [*out, ""]
+
+
+def _curve_cell(value: float | None, low: float | None, high: float | None) -> str:
+    if value is None:
+        return "–"
+    if low is None or high is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _learning_curve_section(report: Report) -> list[str]:
+    lc = report.learning_curves
+    if lc is None or not lc.curves:
+        return []
+    sizes = [p.per_class for p in lc.curves[0].points]
+    heads = ["all" if n is None else f"≤{n}/class" for n in sizes]
+    out = [
+        "## Is the labelled set big enough?",
+        "",
+        lc.statement,
+        "",
+        f"{lc.metric} with at most N labelled images per class in the index ({lc.repeats} "
+        f"seeded subsets per point, seed {lc.seed}; queries fixed). {lc.interval}",
+        "",
+        "| model | " + " | ".join(heads) + " | flattened |",
+        "|---" * (len(heads) + 2) + "|",
+    ]
+    for c in lc.curves:
+        cells = [_curve_cell(p.value, p.ci_low, p.ci_high) for p in c.points]
+        flat = {True: "yes", False: "no", None: "unclear"}[c.flattened]
+        out.append(f"| {c.model} | " + " | ".join(cells) + f" | {flat} |")
+    return [*out, ""]
+
+
+def _trend_section(report: Report) -> list[str]:
+    tr = report.trend
+    if tr is None or not tr.models:
+        return []
+    out = [
+        f"## Trend — series `{tr.series}`",
+        "",
+        f"{tr.metric} over the last {tr.window} batches of the series. Rule: {tr.rule}",
+        "",
+        "| model | batches | baseline | tonight | regression |",
+        "|---|---|---|---|---|",
+    ]
+    for m in tr.models:
+        last = m.points[-1] if m.points else None
+        tonight = _curve_cell(last.value, last.ci_low, last.ci_high) if last else "–"
+        out.append(
+            f"| {m.model} | {len(m.points)} | {_num(m.baseline)} | {tonight} | "
+            f"{'**yes**' if m.regression else 'no'} |"
+        )
+    out += ["", *(f"- {m.statement}" for m in tr.models)]
+    out += [f"- {n}" for n in tr.notes]
+    return [*out, ""]
+
+
 def render_markdown(report: Report) -> str:
     b, p = report.batch, report.protocol
     lines = [
         f"# kiban report — batch `{report.batch_id}` (version {report.version})",
+        "",
+        _decision_line(report),
         "",
         f"{b.n_accepted} images accepted from `{b.source}` ({b.n_quarantined} quarantined, "
         f"{b.n_duplicates} duplicates recorded once); labels from {b.label_source}; "
@@ -213,10 +408,15 @@ def render_markdown(report: Report) -> str:
         f"seed {p.seed}). Created {report.created_at}.",
         "",
         *_protocol_section(report),
+        *_leakage_section(report),
         "## Comparison",
         "",
         *_summary_table(report),
         "",
+        *_decision_section(report),
+        *_cost_section(report),
+        *_learning_curve_section(report),
+        *_trend_section(report),
     ]
     if report.verdicts:
         lines += ["## Verdicts", "", *(f"- {v}" for v in report.verdicts), ""]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from kiban.progress import ChunkFailure
+from kiban.records import LabelConflict
 from kiban_reporter.ann_check import AnnCheck
 from kiban_reporter.cost import CostSummary
 from kiban_reporter.decision_schema import Decision, LeakageCheck, LearningCurves, Trend
@@ -42,6 +43,14 @@ class BatchSummary(BaseModel):
     classes: list[str]
     quarantine_reasons: dict[str, int] = Field(description="Reason (first clause) → count.")
     quarantine: list[dict[str, str | None]] = Field(description="Up to 100 entries.")
+    n_label_conflicts: int = Field(
+        0, description="Byte-identical images whose keys carry different labels."
+    )
+    label_conflicts: list[LabelConflict] = Field(
+        default_factory=list,
+        description="Up to 100 label conflicts: the record keeps the label of its first key "
+        "(code-point order); the other keys' labels are dropped.",
+    )
 
 
 class Protocol(BaseModel):

@@ -78,15 +78,17 @@ def test_cost_per_thousand_images() -> None:
             batch_size=32,
         ),
     ]
-    cost = summarise_cost(timings, _card(512), price_per_hour=3.6, currency="EUR", device="cpu")
+    cost = summarise_cost(timings, _card(512), price_per_hour=3.6, currency="EUR")
     assert cost.images == 400
     assert cost.encode_images_per_second == pytest.approx(20.0)
     assert cost.inference_images_per_second == pytest.approx(40.0)
     assert cost.seconds_per_1k == pytest.approx(50.0)
     assert cost.cost_per_1k == pytest.approx(3.6 * 50 / 3600)
     assert cost.bytes_per_vector == 2048
+    # shards written before the device was recorded: said so, never the reporter's own label
+    assert cost.device == "unknown (shard written before kiban recorded the device)"
 
 
 def test_cost_without_price_or_images_is_none_not_nan() -> None:
-    cost = summarise_cost([], _card(), price_per_hour=None, currency="USD", device="cpu")
+    cost = summarise_cost([], _card(), price_per_hour=None, currency="USD")
     assert cost.encode_images_per_second is None and cost.cost_per_1k is None

@@ -8,7 +8,9 @@ import numpy as np
 
 from kiban.messages import EvaluationProtocol
 from kiban_reporter.ann_check import AnnCheck
-from kiban_reporter.cost import CostSummary
+from kiban_reporter.cost import CostSummary, project_cost
+from kiban_reporter.decision import decide
+from kiban_reporter.decision_schema import LeakageCheck
 from kiban_reporter.markdown import render_markdown
 from kiban_reporter.metrics import compare, evaluate
 from kiban_reporter.protocols import EvalRow, plan_protocol
@@ -29,7 +31,7 @@ def _report() -> Report:
     plan = plan_protocol(EvaluationProtocol(name="split", query_sample=10, seed=1), rows, "b")
     centres = rng.standard_normal((3, 16))
     sections, results = [], {}
-    for name, noise in (("small", 0.5), ("big", 3.0)):
+    for name, noise, s1k in (("small", 0.5, 8.1), ("big", 3.0, 81.0)):
         v = centres[[i % 3 for i in range(n)]] + noise * rng.standard_normal((n, 16))
         v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
         res = evaluate(
@@ -62,16 +64,22 @@ def _report() -> Report:
                     provider="CPUExecutionProvider",
                     threads=2,
                     batch_size=32,
-                    device="cpu",
-                    encode_images_per_second=123.4,
+                    device="cpu (Test CPU)",
+                    encode_images_per_second=1000 / s1k,
                     inference_images_per_second=200.0,
-                    seconds_per_1k=8.1,
+                    seconds_per_1k=s1k,
                     price_per_hour=None,
                     currency="USD",
                     cost_per_1k=None,
                     bytes_per_vector=64,
                     params=1_234_567,
                     model_file_bytes=10,
+                    p50_batch_seconds=0.4321,
+                    cores=2,
+                    device_seconds_per_1k=2 * s1k,
+                    devices=["cpu (Test CPU)"],
+                    storage_bytes_per_million=2_345_678_000,
+                    projection=project_cost(1_000_000, s1k, 2 * s1k, None, "USD"),
                 ),
                 ann_check=AnnCheck(
                     status="ok",
@@ -99,6 +107,7 @@ def _report() -> Report:
         )
     pair = compare(results["small"], results["big"])
     verdict = next(d.verdict for d in pair.differences if d.key == "mv_macro_f1" and d.k == 5)
+    decision = decide(sections, [pair], 5, 0.01)
     return Report(
         version="0003",
         request_id="r",
@@ -137,6 +146,12 @@ def _report() -> Report:
         models=sections,
         comparisons=[pair],
         verdicts=[verdict],
+        decision=decision,
+        leakage=[
+            LeakageCheck(
+                model="small", training_images=500, overlap_queries=7, overlap_candidates=31
+            )
+        ],
         warnings=["something to know"],
     )
 
@@ -159,8 +174,22 @@ def test_markdown_renders_every_section_from_the_report() -> None:
         "Confusion matrix, MV@5",
         "## Quarantine",
         "## Warnings",
+        "## Decision",
+        "## Cost",
+        "## Leakage check",
     ):
         assert heading in md, heading
+    # the decision is the report's first line after the title
+    assert report.decision is not None
+    assert md.splitlines()[2] == f"**Decision:** {report.decision.line}"
+    assert report.decision.line.startswith("Run small")  # better and 10× cheaper
+    for statement in report.decision.non_inferiority:
+        assert statement.statement in md
+    assert "| small | cpu (Test CPU) | CPUExecutionProvider | 2 | 32 | 0.432 |" in md
+    assert "| 16.2 core-seconds |" in md and "2.35 GB" in md
+    assert "Projection for 1,000,000 images a night" in md
+    assert "| small | 2.25 | 4.50 | – | – |" in md  # 1e6 × 8.1 s / 1k / 3600 = 2.25 h
+    assert "| small | 500 | 7 | 31 |" in md
     assert "query sample: 10 of" in md and "split `test`" in md
     assert "0.988 @5" in md and "HNSW m=16, ef_construct=100" in md and "4.57" in md
     assert report.verdicts[0] in md
@@ -214,4 +243,8 @@ def test_unscored_and_failed_ann_check_render() -> None:
         report.model_copy(update={"models": models, "comparisons": [], "verdicts": []})
     )
     assert "_not scored_" in md and "ConnectionError: refused" in md
+    unscored = report.model_copy(
+        update={"models": models, "comparisons": [], "verdicts": [], "decision": None}
+    )
+    assert render_markdown(unscored).splitlines()[2].startswith("**Decision:** none")
     assert "| small | failed | 0 | – |" in md

@@ -18,6 +18,7 @@ from kiban_cli import models as models_cli
 from kiban_cli import ops
 from kiban_cli.common import console, fails_cleanly, settings_and_store
 from kiban_cli.progress import run_with_progress
+from kiban_cli.report_html import write_report_html
 from kiban_cli.report_view import print_report
 
 app = typer.Typer(
@@ -41,6 +42,10 @@ def _split_models(models: str) -> list[str]:
 
 
 PROTOCOL_HELP = "auto | leave-one-out | leave-one-group-out | split | cross-batch"
+VOLUME_HELP = (
+    "Images a night, for the cost projection (hours, price per night and month); "
+    "default KIBAN_VOLUME_IMAGES_PER_NIGHT."
+)
 
 
 @app.command()
@@ -55,6 +60,9 @@ def run(
     k: str = typer.Option("1,3,5", help="k values for MV@k / acc@k."),
     protocol: str = typer.Option("auto", help=PROTOCOL_HELP),
     query_sample: int | None = typer.Option(None, help="Evaluate a stratified query sample."),
+    volume: int | None = typer.Option(
+        None, "--volume", min=1, metavar="IMAGES_PER_NIGHT", help=VOLUME_HELP
+    ),
 ) -> None:
     """Ingest a source, encode it with each model, index, evaluate, print the report."""
     settings, store = settings_and_store()
@@ -66,8 +74,9 @@ def run(
         batch_id=batch,
         ks=_parse_ks(k),
         protocol=_protocol(protocol, query_sample=query_sample),
+        volume_images_per_night=volume,
     )
-    print_report(store, report["batch_id"], report["version"])
+    print_report(store, report["batch_id"], report["version"], volume)
 
 
 def _parse_ks(k: str) -> list[int]:
@@ -104,6 +113,9 @@ def evaluate(
     ann_check: int | None = typer.Option(
         None, help="Queries for the Qdrant-vs-exact check (default 200, 0 = off)."
     ),
+    volume: int | None = typer.Option(
+        None, "--volume", min=1, metavar="IMAGES_PER_NIGHT", help=VOLUME_HELP
+    ),
 ) -> None:
     """Re-evaluate a batch from stored embeddings; writes a new report version, keeps old ones."""
     from kiban.pipeline import evaluate_stored
@@ -126,7 +138,9 @@ def evaluate(
         ann_check_queries=ann_check,
         history_batches=[h.strip() for h in history.split(",")] if history else None,
     )
-    report = evaluate_stored(settings, batch, names, _parse_ks(k), proto)
+    report = evaluate_stored(
+        settings, batch, names, _parse_ks(k), proto, volume_images_per_night=volume
+    )
     print_report(store, report["batch_id"], report["version"])
 
 
@@ -136,20 +150,37 @@ def report_show(
     batch: str = typer.Argument(..., help="Batch ID."),
     version: str | None = typer.Option(None, help="Report version (default: latest)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+    as_html: bool = typer.Option(
+        False, "--html", help="Write the self-contained HTML report and print its path."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where --html writes (default <KIBAN_HOME>/reports/BATCH-VERSION.html)."
+    ),
     markdown: bool = typer.Option(False, "--markdown", help="Print the full Markdown report."),
+    volume: int | None = typer.Option(
+        None,
+        "--volume",
+        min=1,
+        metavar="IMAGES_PER_NIGHT",
+        help="Recompute the cost projection for this many images a night from the stored "
+        "throughput (no re-evaluation).",
+    ),
 ) -> None:
     """Show a batch's evaluation report (the newest version unless --version)."""
-    _, store = settings_and_store()
+    settings, store = settings_and_store()
     version = version or latest_report_version(store, batch)
     if version is None:
         raise KibanError(f"no report for batch {batch!r} in {store.uri}")
     prefix = f"{report_prefix(batch)}/{version}"
-    if as_json:
+    if as_html or out is not None:
+        path = write_report_html(store, batch, version, out, settings.home)
+        console.print(str(path), markup=False, highlight=False, soft_wrap=True)
+    elif as_json:
         console.print_json(store.get(f"{prefix}/report.json").decode())
     elif markdown:
         console.print(store.get(f"{prefix}/report.md").decode(), markup=False, highlight=False)
     else:
-        print_report(store, batch, version)
+        print_report(store, batch, version, volume)
 
 
 @embeddings_app.command("export")
@@ -178,15 +209,19 @@ def embeddings_export(
     vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     labels = [by_key[k].label or "" for k in keys]
     groups = [by_key[k].group or "" for k in keys]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        out,
-        ids=np.asarray(ids),
-        keys=np.asarray(keys),
-        vectors=vectors,
-        labels=np.asarray(labels),
-        groups=np.asarray(groups),
-    )
+    try:  # exactly the path asked for (np.savez on a name would append .npz), or one line
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("wb") as fh:
+            np.savez(
+                fh,
+                ids=np.asarray(ids),
+                keys=np.asarray(keys),
+                vectors=vectors,
+                labels=np.asarray(labels),
+                groups=np.asarray(groups),
+            )
+    except OSError as exc:
+        raise KibanError(f"cannot write {out}: {exc.strerror or exc}") from None
     console.print(f"wrote {len(ids)} × {vectors.shape[1] if vectors.size else 0} vectors to {out}")
 
 

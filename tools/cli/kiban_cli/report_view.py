@@ -1,6 +1,8 @@
-"""The terminal view of a report: the comparison table, verdicts and warnings.
+"""The terminal view of a report: the decision, the comparison and cost tables, verdicts and
+warnings.
 
 Reads the report JSON (schema kiban.report, docs/report.md) only; the full document is report.md.
+Model names, labels and device names are data: they are escaped before rich renders markup.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from kiban.records import report_prefix
@@ -32,15 +35,104 @@ def _fmt(x: float | None, digits: int) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def print_summary(report: dict[str, Any], location: str) -> None:
+NIGHTS_PER_MONTH = 30
+
+
+def project(cost: dict[str, Any], volume: int) -> dict[str, Any]:
+    """The reporter's cost projection (kiban_reporter.cost.project_cost) from a stored cost
+    section, for another nightly volume: no re-evaluation needed."""
+    s1k, d1k = cost.get("seconds_per_1k"), cost.get("device_seconds_per_1k")
+    price = cost.get("price_per_hour")
+    hours = volume * s1k / 1000 / 3600 if s1k is not None else None
+    night = hours * price if hours is not None and price is not None else None
+    return {
+        "volume_images_per_night": volume,
+        "hours_per_night": hours,
+        "device_hours_per_night": volume * d1k / 1000 / 3600 if d1k is not None else None,
+        "price_per_night": night,
+        "price_per_month": night * NIGHTS_PER_MONTH if night is not None else None,
+        "currency": cost.get("currency", ""),
+    }
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _print_decision(report: dict[str, Any]) -> None:
+    decision = report.get("decision")
+    if decision:
+        console.print(f"[bold green]Decision:[/] [bold]{escape(decision['line'])}[/]")
+    else:
+        console.print("[bold]Decision:[/] none — the batch was not scored")
+
+
+def _print_cost(report: dict[str, Any], volume: int | None) -> None:
+    models = report["models"]
+    if not models:
+        return
+    cur = escape(models[0]["cost"]["currency"])
+    projections = {
+        m["name"]: project(m["cost"], volume) if volume else m["cost"].get("projection")
+        for m in models
+    }
+    shown = [p for p in projections.values() if p]
+    table = Table(title="cost (measured by the encoder)", show_lines=False)
+    cols = ["model", "device", "cores", "p50 s/batch", "device-s/1k", "storage/1M img"]
+    if shown:
+        cols += ["h/night", "device-h/night", f"{cur}/night", f"{cur}/month"]
+    for col in cols:
+        table.add_column(col, overflow="fold")
+    for m in models:
+        cost = m["cost"]
+        unit = (
+            "core" if cost.get("device_seconds_unit", "core-seconds") == "core-seconds" else "gpu"
+        )
+        d1k = cost.get("device_seconds_per_1k")
+        row = [
+            escape(m["name"]),
+            escape(str(cost.get("device", "–")))
+            + (" [yellow](mixed)[/]" if cost.get("mixed_devices") else ""),
+            str(cost.get("cores") or "–"),
+            _fmt(cost.get("p50_batch_seconds"), 3),
+            "–" if d1k is None else f"{d1k:.1f} {unit}-s",
+            _bytes(cost.get("storage_bytes_per_million")),
+        ]
+        if shown:
+            pr = projections[m["name"]] or {}
+            row += [
+                _fmt(pr.get("hours_per_night"), 2),
+                _fmt(pr.get("device_hours_per_night"), 2),
+                _fmt(pr.get("price_per_night"), 2),
+                _fmt(pr.get("price_per_month"), 2),
+            ]
+        table.add_row(*row)
+    console.print(table)
+    if shown:
+        vol = shown[0]["volume_images_per_night"]
+        console.print(f"projection: {vol:,} images a night, one worker like the one that ran")
+
+
+def print_summary(report: dict[str, Any], location: str, volume: int | None = None) -> None:
+    """The decision line first, then the quality and cost tables, verdicts and warnings.
+
+    ``volume``: recompute the cost projection for that many images a night from the stored
+    throughput (the stored projection is shown otherwise).
+    """
     hk = report["protocol"]["headline_k"]
     batch = report["batch"]
+    _print_decision(report)
     console.print(
-        f"[bold]batch {report['batch_id']}[/] (report {report['version']}): "
+        f"[bold]batch {escape(report['batch_id'])}[/] (report {report['version']}): "
         f"{batch['n_accepted']} images, {batch['n_quarantined']} quarantined, "
         f"{batch['n_duplicates']} duplicates; protocol {report['protocol']['name']}"
     )
-    cur = report["models"][0]["cost"]["currency"] if report["models"] else ""
+    cur = escape(report["models"][0]["cost"]["currency"]) if report["models"] else ""
     table = Table(show_lines=False)
     for col in (
         "model",
@@ -61,7 +153,7 @@ def print_summary(report: dict[str, Any], location: str) -> None:
     for m in report["models"]:
         cost = m["cost"]
         table.add_row(
-            m["name"],
+            escape(m["name"]),
             m["family"],
             "yes" if m["pretrained"] else "[red]no[/]",
             str(m["embedding_dim"]),
@@ -76,16 +168,29 @@ def print_summary(report: dict[str, Any], location: str) -> None:
             _fmt(cost["cost_per_1k"], 4),
         )
     console.print(table)
+    _print_cost(report, volume)
     for verdict in report["verdicts"]:
-        console.print(f"• {verdict}")
+        console.print(f"• {escape(verdict)}")
+    curves = report.get("learning_curves")
+    if curves:
+        console.print(f"labelled set: {escape(curves['statement'])}")
+    trend = report.get("trend") or {}
+    for model in trend.get("models", []):
+        if model.get("regression"):
+            console.print(f"[red]regression:[/] {escape(model['statement'])}")
     for warning in report["warnings"][:10]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if len(report["warnings"]) > 10:
         console.print(f"[yellow]… {len(report['warnings']) - 10} more warnings in the report[/]")
-    console.print(f"full report: {location}/report.md (JSON: report.json)")
+    console.print(
+        f"full report: {escape(location)}/report.html (also report.md, report.json)",
+        soft_wrap=True,
+    )
 
 
-def print_report(store: ObjectStore, batch_id: str, version: str) -> None:
+def print_report(
+    store: ObjectStore, batch_id: str, version: str, volume: int | None = None
+) -> None:
     """The summary of one stored report version (what `kiban run` prints at the end)."""
     prefix = f"{report_prefix(batch_id)}/{version}"
-    print_summary(json.loads(store.get(f"{prefix}/report.json")), f"{store.uri}/{prefix}")
+    print_summary(json.loads(store.get(f"{prefix}/report.json")), f"{store.uri}/{prefix}", volume)
