@@ -109,6 +109,9 @@ class RunPlan(BaseModel):
     evaluate: bool = True
     k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 3, 5])
     protocol: EvaluationProtocol = Field(default_factory=EvaluationProtocol)
+    volume_images_per_night: int | None = Field(
+        None, ge=1, le=10**12, description="Cost projection volume for the evaluation."
+    )
 
 
 class IngestBatch(Message):

@@ -95,12 +95,9 @@ def run_batch(
 ) -> dict[str, Any]:
     """Ingest, encode with every model, index and evaluate one batch; returns the report.
 
-    ``volume_images_per_night`` sets the report's cost projection: embedded, the in-process
-    reporter uses it; distributed, the reporter workers' own setting applies (the run plan
-    does not carry it) and ``kiban report show --volume`` recomputes the projection.
+    ``volume_images_per_night`` sets the report's cost projection; the run plan carries it to
+    the evaluation in both modes (default: the reporter's KIBAN_VOLUME_IMAGES_PER_NIGHT).
     """
-    if volume_images_per_night is not None:
-        settings = settings.model_copy(update={"volume_images_per_night": volume_images_per_night})
     use_settings(settings)
     configure(settings)
     store = open_store(
@@ -110,7 +107,11 @@ def run_batch(
         load_card(store, model)
     batch_id = batch_id or default_batch_id(source, manifest)
     plan = RunPlan(
-        models=models, evaluate=True, k=ks or [1, 3, 5], protocol=protocol or EvaluationProtocol()
+        models=models,
+        evaluate=True,
+        k=ks or [1, 3, 5],
+        protocol=protocol or EvaluationProtocol(),
+        volume_images_per_night=volume_images_per_night,
     )
     trigger = IngestBatch(
         batch_id=batch_id,

@@ -145,6 +145,7 @@ def request_evaluation(
                 k=plan.k,
                 protocol=plan.protocol,
                 request_id=request,
+                volume_images_per_night=plan.volume_images_per_night,
             ),
             settings,
         )
