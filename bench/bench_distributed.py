@@ -82,7 +82,12 @@ def main() -> None:
     use_settings(None)
 
     stack = LocalStack(
-        home / "stack", extra_env={f"KIBAN_{k.upper()}": str(v) for k, v in common.items()}
+        home / "stack",
+        extra_env={
+            **{f"KIBAN_{k.upper()}": str(v) for k, v in common.items()},
+            # distributed workers read file:// sources only under the allowed roots
+            "KIBAN_ALLOWED_ROOTS": str(home),
+        },
     )
     rows = []
     try:

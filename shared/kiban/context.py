@@ -27,7 +27,12 @@ class Context:
 
     def open_source(self, uri: str) -> ObjectStore:
         """Open a batch source (read-only use) with the same S3 endpoint settings."""
-        return open_store(uri, self.settings.s3_endpoint_url, self.settings.s3_region)
+        return open_store(
+            uri,
+            self.settings.s3_endpoint_url,
+            self.settings.s3_region,
+            max_object_bytes=self.settings.max_object_bytes,
+        )
 
     @property
     def cache_dir(self) -> Path:

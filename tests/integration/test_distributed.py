@@ -62,6 +62,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             "KIBAN_SCHEDULE_SOURCE": f"{nights.as_uri()}/{{date}}/",
             "KIBAN_SCHEDULE_MANIFEST": f"{nights.as_uri()}/{{date}}/manifest.csv",
             "KIBAN_SCHEDULE_MODELS": "effnet-lite0",
+            # file:// sources in messages only under the tests' temp root (issue 9 §3)
+            "KIBAN_ALLOWED_ROOTS": str(tmp_path_factory.getbasetemp()),
         },
     )
     stack.start_servers()
@@ -289,6 +291,11 @@ def test_bad_and_failing_messages_are_dead_lettered(
         kwargs={"message": {"batch_id": "missing-1", "source": (tmp_path / "nope").as_uri()}},
         queue="ingest",
     )
+    app.send_task(  # a host folder outside KIBAN_ALLOWED_ROOTS: never listed
+        "kiban.ingest.batch",
+        kwargs={"message": {"batch_id": "outside-1", "source": "file:///etc/"}},
+        queue="ingest",
+    )
     with app.connection_for_write() as conn:
         conn.default_channel.basic_publish(
             conn.default_channel.prepare_message(
@@ -303,7 +310,7 @@ def test_bad_and_failing_messages_are_dead_lettered(
             routing_key="ingest",
         )
     deadline = time.monotonic() + 60
-    while sum(1 for _ in store.list("deadletter")) < before + 3:
+    while sum(1 for _ in store.list("deadletter")) < before + 4:
         assert time.monotonic() < deadline, "dead letters not written"
         time.sleep(0.3)
     letters = [json.loads(store.get(i.key)) for i in store.list("deadletter")]
@@ -311,6 +318,9 @@ def test_bad_and_failing_messages_are_dead_lettered(
     assert "invalid IngestBatch message: batch_id: String should match pattern" in reasons
     assert "exactly one keyword argument 'message'" in reasons
     assert "missing-1" in json.dumps([letter["payload"] for letter in letters])
+    assert "ForbiddenLocationError: source file:///etc/" in reasons
+    assert "outside KIBAN_ALLOWED_ROOTS" in reasons
+    assert not store.exists("batches/outside-1/batch.json")
     time.sleep(1)
     assert "Refusing to deserialize untrusted content of type pickle" in stack.procs["ingest"].log()
     assert not store.exists("batches/pickled-1/batch.json")

@@ -185,7 +185,10 @@ def test_manifest_inside_source_and_relative(source_dir: Path, tmp_path: Path) -
         assert info.label_source == "manifest"
 
 
-def test_escaping_manifest_key_fails_whole_batch(source_dir: Path, tmp_path: Path) -> None:
+def test_escaping_manifest_key_is_quarantined(source_dir: Path, tmp_path: Path) -> None:
+    """A row naming a key outside the source is set aside with its line; nothing outside the
+    source is read and the rest of the manifest applies."""
+    (tmp_path / "secrets.jpg").write_bytes(b"not to be read")
     manifest = tmp_path / "bad.jsonl"
     manifest.write_text(
         json.dumps({"key": "checker/checker-0000.jpg", "label": "checker"})
@@ -195,9 +198,14 @@ def test_escaping_manifest_key_fails_whole_batch(source_dir: Path, tmp_path: Pat
     )
     ctx = make_context(tmp_path / "home")
     msg = IngestBatch(batch_id="bad", source=source_dir.as_uri(), manifest=manifest.as_uri())
-    with pytest.raises(ManifestError, match=r"bad\.jsonl line 2: .*escapes"):
-        ingest_batch(msg, ctx)
-    assert not ctx.store.exists(f"{batch_prefix('bad')}/batch.json")
+    info = ingest_batch(msg, ctx)
+    quarantine = {q.key: q.reason for q in read_quarantine(ctx.store, "bad")}
+    assert (
+        quarantine["../secrets.jpg"]
+        == "manifest line 2: key escapes the source ('..' or '.' segment)"
+    )
+    assert info.classes == ["checker"]
+    assert not any(r.key.endswith("secrets.jpg") for r in read_records(ctx.store, "bad"))
 
 
 def test_missing_manifest_is_clear(source_dir: Path, tmp_path: Path) -> None:

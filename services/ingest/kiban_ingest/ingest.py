@@ -15,8 +15,22 @@ Decisions:
   never images). Anything without a supported suffix is *quarantined* with reason
   "unsupported file type", not ignored: a stray ``.gif`` or ``.dcm`` in a labelled
   folder is something the user should see, and nothing is lost silently.
+* Only regular files inside the source are read (``kiban.store``): a listing entry that
+  is not one — a FIFO, socket or device (never opened), a symbolic link out of the source,
+  a dangling link or a link to a folder, a name that is not UTF-8 or cannot be a key, a
+  folder that cannot be read — is quarantined with its reason and the batch goes on. A
+  link to a regular file inside the source is read (it is a duplicate of its target).
+* Size: every object is read with ``KIBAN_MAX_OBJECT_BYTES`` as a bound, enforced while
+  streaming; a larger one is quarantined ("too large: …"); a larger manifest is refused.
+* Locations: in distributed mode the source and manifest of a message must be allowed
+  (``kiban.locations.check_location``); otherwise the message is dead-lettered.
 * Identity: the sha256 of the bytes. Identical bytes under several keys are one
   record (the first key in sorted order) listing the other keys in ``duplicates``.
+  When those keys carry different labels, the first key's label is kept and the others
+  are recorded in ``BatchInfo.label_conflicts`` (sha256, kept key and label, dropped keys
+  and labels; the first 1,000, with the total in ``n_label_conflicts``).
+* Manifest rows whose key cannot be in the source (absolute, ``..``) are quarantined
+  with their line, like rows naming a missing object; nothing outside the source is read.
 * Idempotency: outputs are a pure function of the inputs (sorted, no timestamps
   except ``created_at``). A re-run whose fingerprint (source URI, listed keys and
   sizes, manifest bytes, chunk size, image limits) matches ``ingest.json`` returns
@@ -40,26 +54,36 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 from kiban.context import Context
-from kiban.errors import KibanError, StoreError
+from kiban.errors import KibanError, ObjectRefusedError, ObjectTooLargeError, StoreError
 from kiban.imaging import SUPPORTED_SUFFIXES, ImageRejected, decode_image
+from kiban.locations import check_location
 from kiban.messages import IngestBatch
 from kiban.records import (
+    MAX_LABEL_CONFLICTS,
     BatchInfo,
     ChunkPlan,
     ImageRecord,
+    KeyLabel,
+    LabelConflict,
     QuarantineEntry,
     batch_prefix,
     dump_jsonl,
     write_chunk_records,
 )
-from kiban.store import ObjectInfo, ObjectStore, safe_key
-from kiban_ingest.labels import LabelEntry, ManifestError, folder_label, parse_manifest
+from kiban.store import ObjectInfo, ObjectStore, open_store, safe_key
+from kiban_ingest.labels import (
+    LabelEntry,
+    ManifestError,
+    RejectedRow,
+    folder_label,
+    parse_manifest,
+)
 from kiban_ingest.metrics import IMAGES_INGESTED, IMAGES_QUARANTINED, reason_category
 
 log = logging.getLogger(__name__)
 
 #: Bump when the output of ingest changes for the same input (invalidates fingerprints).
-INGEST_VERSION = 1
+INGEST_VERSION = 2
 CONVENTIONAL_MANIFESTS = ("manifest.csv", "manifest.jsonl")
 LOG_EVERY = 500
 
@@ -72,6 +96,7 @@ class Manifest:
     data: bytes
     key_in_source: str | None  # the manifest's own key when it lies inside the source
     entries: dict[str, LabelEntry]
+    rejected: tuple[RejectedRow, ...] = ()  # rows whose key cannot be in the source
 
 
 @dataclass(frozen=True)
@@ -89,7 +114,7 @@ class Inspected:
 def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
     """List, validate, label and de-duplicate ``msg.source`` into batch ``msg.batch_id``."""
     settings = ctx.settings
-    source = ctx.open_source(msg.source)
+    source = open_source(msg.source, ctx, "source")
     manifest = read_manifest(msg.manifest, source, ctx) if msg.manifest else None
     listing = _list_source(source, manifest)
     prefix = batch_prefix(msg.batch_id)
@@ -101,10 +126,14 @@ def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
         return existing
 
     started = time.perf_counter()
-    candidates = [o for o in listing if _supported(o.key)]
+    objects = [o for o in listing if o.problem is None]
+    candidates = [o for o in objects if _supported(o.key)]
     quarantine = [
+        QuarantineEntry(key=o.key, reason=o.problem) for o in listing if o.problem is not None
+    ]
+    quarantine += [
         QuarantineEntry(key=o.key, reason=f"unsupported file type ({_suffix(o.key) or 'none'})")
-        for o in listing
+        for o in objects
         if not _supported(o.key)
     ]
     inspected = _inspect_all(
@@ -114,6 +143,7 @@ def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
         settings.min_image_side,
         settings.decode_workers,
         msg.batch_id,
+        settings.max_object_bytes,
     )
     quarantine += [
         QuarantineEntry(key=i.key, reason=i.reason, sha256=i.sha256)
@@ -127,8 +157,14 @@ def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
             for key in manifest.entries
             if key not in listed
         ]
+        quarantine += [
+            QuarantineEntry(key=row.key, reason=f"manifest line {row.line}: {row.reason}")
+            for row in manifest.rejected
+        ]
     quarantine.sort(key=lambda q: q.key)
-    records, n_duplicates = _records([i for i in inspected if i.reason is None], manifest)
+    records, n_duplicates, conflicts = _records(
+        [i for i in inspected if i.reason is None], manifest
+    )
 
     label_source = (
         "manifest" if manifest else "folders" if any("/" in o.key for o in listing) else "none"
@@ -151,6 +187,8 @@ def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
         classes=classes,
         chunks=chunks,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        n_label_conflicts=len(conflicts),
+        label_conflicts=conflicts[:MAX_LABEL_CONFLICTS],
     )
     records_bytes, quarantine_bytes = dump_jsonl(records), dump_jsonl(quarantine)
     info = _keep_created_at(ctx.store, prefix, info, records_bytes, quarantine_bytes)
@@ -184,26 +222,49 @@ def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
 # --- inputs ---------------------------------------------------------------------------
 
 
+def open_source(uri: str, ctx: Context, what: str) -> ObjectStore:
+    """A source store (checked against the allowed locations), every read bounded."""
+    settings = ctx.settings
+    return open_store(
+        check_location(uri, settings, what),
+        settings.s3_endpoint_url,
+        settings.s3_region,
+        max_object_bytes=settings.max_object_bytes,
+    )
+
+
 def read_manifest(uri: str, source: ObjectStore, ctx: Context) -> Manifest:
-    """Read and parse the manifest: a URI, or a key relative to the source prefix."""
+    """Read and parse the manifest: a URI, or a key relative to the source prefix.
+
+    Read with the same bound as images; a manifest row whose key cannot be in the source
+    is set aside (``Manifest.rejected``), a manifest that is not one is refused whole.
+    """
     inside: str | None
+    limit = ctx.settings.max_object_bytes
     try:
         if "://" not in uri:
             key = safe_key(uri)
-            data, full_uri, inside = source.get(key), f"{source.uri}/{key}", key
+            data, full_uri, inside = source.get(key, limit), f"{source.uri}/{key}", key
         else:
+            uri = check_location(uri, ctx.settings, "manifest")
             parent, _, name = uri.rstrip("/").rpartition("/")
             if not name or parent.endswith("/"):
                 raise ManifestError(
                     f"manifest {uri}: expected file:///dir/name or s3://bucket/name"
                 )
-            store = ctx.open_source(parent)
-            data, full_uri = store.get(name), f"{store.uri}/{name}"
+            store = open_source(parent, ctx, "manifest")
+            data, full_uri = store.get(name, limit), f"{store.uri}/{name}"
             base = source.uri.rstrip("/") + "/"
             inside = full_uri[len(base) :] if full_uri.startswith(base) else None
+    except ObjectTooLargeError:
+        raise ManifestError(
+            f"manifest {uri}: larger than {limit} bytes (KIBAN_MAX_OBJECT_BYTES)"
+        ) from None
     except StoreError as exc:
         raise ManifestError(f"manifest {uri}: {exc}") from None
-    return Manifest(full_uri, data, inside, parse_manifest(data, full_uri))
+    rejected: list[RejectedRow] = []
+    entries = parse_manifest(data, full_uri, rejected)
+    return Manifest(full_uri, data, inside, entries, tuple(rejected))
 
 
 def _list_source(source: ObjectStore, manifest: Manifest | None) -> list[ObjectInfo]:
@@ -237,7 +298,7 @@ def _fingerprint(
 ) -> dict[str, object]:
     listed = hashlib.sha256()
     for obj in listing:
-        listed.update(f"{obj.key}\t{obj.size}\n".encode())
+        listed.update(f"{obj.key}\t{obj.size}\t{obj.problem or ''}\n".encode())
     return {
         "ingest_version": INGEST_VERSION,
         "source": source.uri,
@@ -248,6 +309,7 @@ def _fingerprint(
         "chunk_size": msg.chunk_size,
         "max_image_pixels": ctx.settings.max_image_pixels,
         "min_image_side": ctx.settings.min_image_side,
+        "max_object_bytes": ctx.settings.max_object_bytes,
     }
 
 
@@ -293,12 +355,25 @@ def _inspect_all(
     min_side: int,
     workers: int,
     batch_id: str,
+    max_bytes: int | None = None,
 ) -> list[Inspected]:
-    """Read, hash and fully decode every object on a thread pool (Pillow drops the GIL)."""
+    """Read, hash and fully decode every object on a thread pool (Pillow drops the GIL).
+
+    Each read is bounded by ``max_bytes`` (also checked against the listed size first, so
+    an object listed as too large is not even opened). A refused object (too large, not a
+    regular file, a link out of the source) is quarantined for good; any other read error
+    marks the object unreadable, so the batch's fingerprint is not kept and a re-run
+    retries it.
+    """
 
     def inspect(obj: ObjectInfo) -> Inspected:
+        if max_bytes is not None and obj.size > max_bytes:
+            reason = f"too large: more than {max_bytes} bytes (KIBAN_MAX_OBJECT_BYTES)"
+            return Inspected(obj.key, None, reason=reason)
         try:
-            data = source.get(obj.key)
+            data = source.get(obj.key, max_bytes)
+        except ObjectRefusedError as exc:
+            return Inspected(obj.key, None, reason=exc.reason)
         except Exception as exc:  # a vanished object or a server error: keep going
             return Inspected(obj.key, None, reason=f"cannot read object: {exc}", unreadable=True)
         digest = hashlib.sha256(data).hexdigest()
@@ -321,8 +396,12 @@ def _inspect_all(
 
 def _records(
     accepted: Iterable[Inspected], manifest: Manifest | None
-) -> tuple[list[ImageRecord], int]:
-    """One record per distinct sha256, at its first key; later keys become duplicates."""
+) -> tuple[list[ImageRecord], int, list[LabelConflict]]:
+    """One record per distinct sha256, at its first key; later keys become duplicates.
+
+    The record keeps the label of its first key (code-point order). Duplicates labelled
+    differently are returned as label conflicts, ordered by the kept key.
+    """
     first: dict[str, Inspected] = {}
     duplicates: dict[str, list[str]] = {}
     for item in sorted(accepted, key=lambda i: i.key):
@@ -333,20 +412,20 @@ def _records(
             first[item.sha256] = item
             duplicates[item.sha256] = []
     records = []
+    conflicts = []
     for digest, item in first.items():
         entry = _label_for(item.key, manifest)
-        for other in duplicates[digest]:
-            other_label = _label_for(other, manifest).label
-            if other_label != entry.label:
-                log.warning(
-                    "%s is a byte-identical duplicate of %s but labelled %r, not %r; "
-                    "the record keeps %r",
-                    other,
-                    item.key,
-                    other_label,
-                    entry.label,
-                    entry.label,
+        dropped = [
+            KeyLabel(key=other, label=label)
+            for other in duplicates[digest]
+            if (label := _label_for(other, manifest).label) != entry.label
+        ]
+        if dropped:
+            conflicts.append(
+                LabelConflict(
+                    sha256=digest, kept=KeyLabel(key=item.key, label=entry.label), dropped=dropped
                 )
+            )
         records.append(
             ImageRecord(
                 key=item.key,
@@ -360,7 +439,14 @@ def _records(
             )
         )
     records.sort(key=lambda r: r.key)
-    return records, sum(len(d) for d in duplicates.values())
+    conflicts.sort(key=lambda c: c.kept.key)
+    if conflicts:
+        log.warning(
+            "%d byte-identical images carry different labels; each record keeps the label of "
+            "its first key (see label_conflicts in batch.json)",
+            len(conflicts),
+        )
+    return records, sum(len(d) for d in duplicates.values()), conflicts
 
 
 def _label_for(key: str, manifest: Manifest | None) -> LabelEntry:
@@ -369,4 +455,4 @@ def _label_for(key: str, manifest: Manifest | None) -> LabelEntry:
     return manifest.entries.get(key, LabelEntry(label=None))
 
 
-__all__ = ["ingest_batch", "read_manifest", "ManifestError", "MISSING_REASON"]
+__all__ = ["ingest_batch", "open_source", "read_manifest", "ManifestError", "MISSING_REASON"]

@@ -3,7 +3,15 @@
 Folder labels (``<class>/<file>``) cost the user nothing; a manifest adds what folders
 cannot say: the group (patient, slide, lot — the unit leave-one-out excludes) and a
 split. Manifest problems are the user's to fix, so every error names the manifest and
-the line, and a manifest is either read completely or rejected: never half-applied.
+the line. A manifest whose *structure* is wrong (no key,label header, broken CSV or JSON,
+wrong field counts, duplicate keys) is rejected as a whole: it may not be a manifest at
+all. A row whose key cannot name an object of the source (absolute, ``..``, a backslash,
+control characters) is, when the caller collects ``rejected`` rows, set aside with its
+line and reason — like a key that is missing from the source — and the rest applies.
+
+Errors never quote the file's content: a file that is not a manifest (``/etc/passwd``,
+an image) must not reappear line by line in a dead letter, a log or ``kiban status``.
+They say "line 3: 3 fields, header has 2", never what line 3 says.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiban.errors import KibanError, StoreError
-from kiban.store import safe_key
+from kiban.store import key_problem, printable_key, safe_key
 
 #: Columns (CSV) or fields (JSONL) a manifest may have; ``key`` and ``label`` are required.
 REQUIRED_FIELDS = ("key", "label")
@@ -37,6 +45,15 @@ class LabelEntry:
     line: int = 0
 
 
+@dataclass(frozen=True)
+class RejectedRow:
+    """A manifest row set aside: its key cannot name an object of the source."""
+
+    line: int
+    key: str  # printable, at most 200 characters
+    reason: str
+
+
 def folder_label(key: str) -> str | None:
     """The first folder of ``key`` (``scratches/img1.jpg`` → ``scratches``); top level → None."""
     head, sep, _ = key.partition("/")
@@ -53,24 +70,32 @@ def manifest_format(name: str, data: bytes) -> str:
     return "jsonl" if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") else "csv"
 
 
-def parse_manifest(data: bytes, name: str) -> dict[str, LabelEntry]:
+def parse_manifest(
+    data: bytes, name: str, rejected: list[RejectedRow] | None = None
+) -> dict[str, LabelEntry]:
     """Parse a CSV (header row required) or JSONL manifest into key → LabelEntry.
 
     Keys are normalised with ``safe_key`` (relative to the source prefix, never
     escaping it). Empty labels/groups/splits mean "none". Duplicate keys, missing
-    columns and bad rows raise ManifestError naming the line numbers.
+    columns and bad rows raise ManifestError naming the line numbers. A key that cannot
+    name an object (see ``_key_reason``) raises too, unless ``rejected`` is given: the
+    row is then appended there and skipped.
     """
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"manifest {name}: not UTF-8 text ({exc})") from None
+        raise ManifestError(
+            f"manifest {name}: not UTF-8 text (invalid byte at offset {exc.start})"
+        ) from None
     rows = (
         _csv_rows(text, name) if manifest_format(name, data) == "csv" else _jsonl_rows(text, name)
     )
     entries: dict[str, LabelEntry] = {}
     duplicates: dict[str, list[int]] = {}
     for line, row in rows:
-        key = _key(row.get("key"), name, line)
+        key = _key(row.get("key"), name, line, rejected)
+        if key is None:
+            continue
         entry = LabelEntry(
             label=_text(row.get("label"), "label", name, line),
             group=_text(row.get("group"), "group", name, line),
@@ -103,23 +128,25 @@ def _csv_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
         )
     columns = [c.strip().lower() for c in header]
     missing = [c for c in REQUIRED_FIELDS if c not in columns]
-    if missing:
+    if missing:  # the header is not quoted: the file may not be a manifest at all
         raise ManifestError(
-            f"manifest {name} line 1: header must name the columns key,label[,group][,split]; "
-            f"missing {', '.join(missing)} (found: {', '.join(header) or 'nothing'})"
+            f"manifest {name} line 1: expected a header row naming the columns "
+            f"key,label[,group][,split]; missing {', '.join(missing)} "
+            f"({len(header)} column(s) found)"
         )
-    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+    known = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS)
+    repeated = sorted({c for c in columns if c in known and columns.count(c) > 1})
     if repeated:
         raise ManifestError(f"manifest {name} line 1: repeated columns {', '.join(repeated)}")
     wanted = {c: columns.index(c) for c in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS) if c in columns}
     while True:
+        line = reader.line_num + 1  # where the row starts (a quoted field may span lines)
         try:
             values = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
             raise ManifestError(f"manifest {name} line {reader.line_num}: {exc}") from None
-        line = reader.line_num
         if not any(v.strip() for v in values):
             continue  # blank line
         if len(values) < len(columns):
@@ -149,13 +176,32 @@ def _jsonl_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield line, obj
 
 
-def _key(value: Any, name: str, line: int) -> str:
+def _key(value: Any, name: str, line: int, rejected: list[RejectedRow] | None) -> str | None:
+    """The normalised key of a row; None when the row is set aside in ``rejected``."""
     if not isinstance(value, str) or not value.strip():
         raise ManifestError(f"manifest {name} line {line}: empty or non-text key")
+    text = value.strip()
+    reason = _key_reason(text)
+    if reason is None:
+        return safe_key(text)
+    if rejected is None:
+        raise ManifestError(f"manifest {name} line {line}: {reason}")
+    rejected.append(RejectedRow(line, printable_key(text)[:200], reason))
+    return None
+
+
+def _key_reason(text: str) -> str | None:
+    """Why a manifest key cannot name an object of the source, in content-free words."""
     try:
-        return safe_key(value.strip())
-    except StoreError as exc:
-        raise ManifestError(f"manifest {name} line {line}: {exc}") from None
+        normal = safe_key(text)
+    except StoreError:
+        if text.startswith("/"):
+            return "key escapes the source (absolute path; keys are relative to the source)"
+        if "\x00" in text or "\\" in text:
+            return "key is not a valid object key (NUL or backslash)"
+        return "key escapes the source ('..' or '.' segment)"
+    problem = key_problem(normal)
+    return f"key is not a valid object key ({problem})" if problem else None
 
 
 def _text(value: Any, field: str, name: str, line: int) -> str | None:

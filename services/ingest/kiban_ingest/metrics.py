@@ -25,7 +25,17 @@ _CATEGORIES = (
     ("unsupported pixel mode", "unsupported_format"),
     ("unsupported file type", "unsupported_file_type"),
     ("listed in manifest", "missing"),
+    ("manifest line", "manifest_row"),
     ("cannot read", "unreadable"),
+    ("cannot list folder", "unreadable"),
+    ("cannot stat", "unreadable"),
+    ("too large", "too_large"),
+    ("not a regular file", "not_regular_file"),
+    ("symbolic link", "link"),
+    ("dangling symbolic link", "link"),
+    ("name ", "bad_name"),
+    ("folder name ", "bad_name"),
+    ("a folder on the way", "link"),
 )
 
 

@@ -430,6 +430,23 @@ def render_markdown(report: Report) -> str:
         lines += ["## Quarantine", "", "| key | reason |", "|---|---|"]
         lines += [f"| `{q['key']}` | {q['reason']} |" for q in b.quarantine]
         lines.append("")
+    if b.label_conflicts:
+        lines += [
+            f"## Label conflicts ({b.n_label_conflicts})",
+            "",
+            "Byte-identical images under keys with different labels: the record keeps the label "
+            "of its first key (code-point order).",
+            "",
+            "| kept key | kept label | dropped (key = label) |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{c.kept.key}` | {c.kept.label} | "
+            + ", ".join(f"`{d.key}` = {d.label}" for d in c.dropped)
+            + " |"
+            for c in b.label_conflicts
+        ]
+        lines.append("")
     if report.failed_chunks:
         lines += ["## Failed chunks", "", "| model | chunk | task | reason |", "|---|---|---|---|"]
         lines += [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -10,6 +11,7 @@ from kiban.errors import KibanError
 from kiban_ingest.labels import (
     LabelEntry,
     ManifestError,
+    RejectedRow,
     folder_label,
     manifest_format,
     parse_manifest,
@@ -72,6 +74,50 @@ def test_escaping_key_in_jsonl() -> None:
     with pytest.raises(ManifestError, match="line 2") as info:
         parse_manifest(data, "m.jsonl")
     assert "escapes" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("../../etc/passwd", "key escapes the source ('..' or '.' segment)"),
+        ("/etc/passwd", "key escapes the source (absolute path; keys are relative to the source)"),
+        ("a\\b.jpg", "key is not a valid object key (NUL or backslash)"),
+        ('"new\nline.jpg"', "key is not a valid object key (name contains control characters)"),
+    ],
+)
+def test_rows_outside_the_source_are_set_aside(bad: str, reason: str) -> None:
+    """With a ``rejected`` list, such a row is set aside with its line; the rest applies."""
+    data = f"key,label\nok.jpg,a\n{bad},b\nz.jpg,c\n".encode()
+    rejected: list[RejectedRow] = []
+    entries = parse_manifest(data, "m.csv", rejected)
+    assert sorted(entries) == ["ok.jpg", "z.jpg"]
+    assert [(r.line, r.reason) for r in rejected] == [(3, reason)]
+    assert "\n" not in rejected[0].key  # printable
+    with pytest.raises(ManifestError, match=re.escape(f"m.csv line 3: {reason}")):
+        parse_manifest(data, "m.csv")
+
+
+NOT_A_MANIFEST = [
+    b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR secret-token-1234",
+    b"\xff\xd8\xff\xe0 JFIF secret-token-1234",
+    b"password=secret-token-1234\nkey=value\n",
+    b'{"password": "secret-token-1234"}\n',
+    b"key,label\nsecret-token-1234,a,b,c\n",
+    b'{"key": "secret-token-1234", "label": ["x"]}\n',
+]
+
+
+@pytest.mark.parametrize("data", NOT_A_MANIFEST)
+@pytest.mark.parametrize("name", ["m.csv", "m.jsonl", "m"])
+def test_errors_never_quote_the_file(data: bytes, name: str) -> None:
+    """A file that is not a manifest is refused by line number, never by its content."""
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(data, name)
+    message = str(info.value)
+    assert "secret-token" not in message and "root:x" not in message, message
+    assert "daemon" not in message and "JFIF" not in message, message
+    assert message.startswith(f"manifest {name}")
 
 
 def test_duplicate_keys_name_all_lines() -> None:
