@@ -236,6 +236,9 @@ class LocalStack:
             "AWS_ACCESS_KEY_ID": access,
             "AWS_SECRET_ACCESS_KEY": secret,
             "AWS_DEFAULT_REGION": "us-east-1",
+            # A local stack serves the person who started it: file:// sources under the
+            # directory they started it in are allowed unless they chose the roots themselves.
+            "KIBAN_ALLOWED_ROOTS": os.environ.get("KIBAN_ALLOWED_ROOTS", str(Path.cwd())),
             **self.extra_env,
         }
         client = endpoint.client()
