@@ -17,6 +17,7 @@ BENCHES = [
     "bench_qdrant.py",
     "bench_distributed.py",
     "bench_decision.py",
+    "bench_trainer.py",
 ]
 
 

@@ -47,6 +47,7 @@ SERVICE_MODULES: dict[str, str] = {
     "encoder": "kiban_encoder.tasks",
     "indexer": "kiban_encoder.tasks",
     "reporter": "kiban_reporter.tasks",
+    "trainer": "kiban_trainer.tasks",
 }
 
 

@@ -66,7 +66,7 @@ PENDING_SETTINGS = {
 }
 # Labels Prometheus adds when scraping (not declared by the metric).
 TARGET_LABELS = {"namespace", "pod", "instance", "job", "le"}
-QUEUES = {"ingest", "encode", "index", "report"}  # plus encode.<pool>
+QUEUES = {"ingest", "encode", "index", "report", "train"}  # plus encode.<pool>
 
 
 # -- rendering --------------------------------------------------------------------------
@@ -201,6 +201,7 @@ def test_one_deployment_per_service_with_its_queue(full_objects: list[dict[str, 
         "encoder-gpu",
         "indexer",
         "reporter",
+        "trainer",
         "beat",
     }
     expected_queue = {
@@ -209,6 +210,7 @@ def test_one_deployment_per_service_with_its_queue(full_objects: list[dict[str, 
         "encoder-gpu": "encode.gpu",
         "indexer": "index",
         "reporter": "report",
+        "trainer": "train",
     }
     for component, deployment in found.items():
         args = container(deployment)["args"]
@@ -232,6 +234,7 @@ def test_images_per_service(full_objects: list[dict[str, Any]]) -> None:
     assert images["encoder-default"].startswith("kiban/encoder-cpu:")
     assert images["indexer"].startswith("kiban/indexer:")
     assert images["reporter"].startswith("kiban/reporter:")
+    assert images["trainer"].startswith("kiban/trainer:")
     assert all(not i.endswith(":latest") and ":" in i for i in images.values())
 
 
@@ -300,6 +303,28 @@ def test_gpu_pool(full_objects: list[dict[str, Any]]) -> None:
     assert env["KIBAN_PRICE_PER_HOUR"] == "2.50"
     cpu = workers(full_objects)["encoder-default"]
     assert "nvidia.com/gpu" not in container(cpu)["resources"].get("limits", {})
+
+
+def test_trainer_on_cpu_by_default_and_on_a_gpu_node_with_trainer_gpu(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    cpu = workers(default_objects)["trainer"]
+    assert "nvidia.com/gpu" not in container(cpu)["resources"].get("limits", {})
+    assert "tolerations" not in cpu["spec"]["template"]["spec"]
+    values = full_values()
+    values["trainer"] = {"gpu": True, "gpuNodeSelector": {"nvidia.com/gpu.present": "true"}}
+    objects = render(values)
+    trainer = workers(objects)["trainer"]
+    pod = trainer["spec"]["template"]["spec"]
+    assert container(trainer)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert [t["key"] for t in pod["tolerations"]] == ["nvidia.com/gpu"]
+    args = container(trainer)["args"]
+    assert args[:1] == ["trainer"] and args[args.index("--queues") + 1] == "train"
+    for kube_version in KUBE_VERSIONS:
+        kubernetes_validate.validate(trainer, kube_version, strict=True)
+    values["trainer"] = {"enabled": False}
+    assert "trainer" not in workers(render(values))
 
 
 def test_models_are_routed_to_the_pool_that_consumes_their_queue(
@@ -637,7 +662,7 @@ def test_hadolint(dockerfile: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("service", ["ingest", "encoder", "reporter"])
+@pytest.mark.parametrize("service", ["ingest", "encoder", "reporter", "trainer"])
 def test_dockerfile_installs_only_its_own_service(service: str) -> None:
     text = (REPO_ROOT / "docker" / f"{service}.Dockerfile").read_text()
     copied = set(re.findall(r"^COPY (?!--from)(\S+)", text, re.M))
@@ -665,7 +690,7 @@ def test_indexer_image_has_encoder_and_reporter() -> None:
 
 def test_every_service_has_a_dockerfile_and_a_package_root() -> None:
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
-    for service in ("ingest", "encoder", "reporter"):
+    for service in ("ingest", "encoder", "reporter", "trainer"):
         assert f'"services/{service}"' in pyproject
         assert (REPO_ROOT / "docker" / f"{service}.Dockerfile") in DOCKERFILES
 

@@ -29,6 +29,7 @@ WORKER_IMPORTS = (
     "kiban_encoder.tasks",
     "kiban_ingest.tasks",
     "kiban_reporter.tasks",
+    "kiban_trainer.tasks",
 )
 # What no worker may load: the CLI's dependencies, torch and the tools' packages.
 TOOLS_ONLY = ("typer", "rich", "torch", "open_clip", "kiban_cli", "kiban_export")

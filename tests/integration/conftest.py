@@ -123,3 +123,16 @@ def neu_dir() -> Path:
     if not NEU_DIR.is_dir() or not any(NEU_DIR.glob("*/*.jpg")):
         pytest.skip(f"NEU-DET data set not found at {NEU_DIR} (expected <class>/*.jpg)")
     return NEU_DIR
+
+
+@pytest.fixture(scope="session")
+def effnet_lite0(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """Only the pretrained EfficientNet-Lite0 (card, .onnx), exported once per session, for
+    tests that need one real base model and not the ViT of ``exported_models``."""
+    from kiban_cli.synthetic import sample_images
+    from kiban_export import export_model
+
+    workdir = tmp_path_factory.mktemp("effnet-lite0")
+    return export_model(
+        "efficientnet-lite0", "effnet-lite0", "domain", workdir, sample_images(n=4, seed=0)
+    )

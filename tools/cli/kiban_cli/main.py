@@ -16,6 +16,7 @@ from kiban.shards import is_complete, read_shard
 from kiban.telemetry import redact
 from kiban_cli import models as models_cli
 from kiban_cli import ops
+from kiban_cli import train as train_cli
 from kiban_cli.common import console, fails_cleanly, settings_and_store
 from kiban_cli.progress import run_with_progress
 from kiban_cli.report_html import write_report_html
@@ -31,6 +32,7 @@ report_app = typer.Typer(help="Show evaluation reports.", no_args_is_help=True)
 embeddings_app = typer.Typer(help="Export stored embeddings.", no_args_is_help=True)
 app.add_typer(report_app, name="report")
 ops.register(app)
+train_cli.register(app)
 app.add_typer(embeddings_app, name="embeddings")
 
 
