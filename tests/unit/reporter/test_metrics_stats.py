@@ -93,7 +93,7 @@ def test_compare_better_model_and_self() -> None:
     assert (line.mcnemar_b, line.mcnemar_c, line.mcnemar_p) == (b, c, p)
     reverse = compare(bad, good)
     assert next(d for d in reverse.differences if d.metric == "MV@5 macro-F1").verdict.startswith(
-        "foundation better than domain"
+        "foundation better than domain on MV@5 macro-F1 (+"  # winner − loser, whatever the order
     )
     same = compare(good, good, name_a="x", name_b="y")
     assert all(d.difference == 0 and d.ci_low == 0 and d.ci_high == 0 for d in same.differences)

@@ -85,9 +85,15 @@ def verdict_line(
     confidence: float,
     p: float | None = None,
 ) -> str:
-    """One human line: who is better on ``metric``, by how much, how sure."""
+    """One human line: who is better on ``metric``, by how much, how sure.
+
+    The difference is shown as winner − loser (positive), whichever order the pair is in.
+    """
     if diff is None:
         return f"cannot compare {name_a} and {name_b} on {metric}: undefined for these queries"
+    if lo is not None and hi is not None and hi < 0:
+        # B is better: say it as B − A, so the sign reads with the sentence.
+        return verdict_line(name_b, name_a, metric, -diff, -hi, -lo, confidence, p)
     level = f"{round(confidence * 100):d}%"
     detail = _fmt(diff)
     if lo is not None and hi is not None:
@@ -98,8 +104,6 @@ def verdict_line(
         detail += f"; McNemar p={_format_p(p)}"
     if lo is not None and hi is not None and lo > 0:
         return f"{name_a} better than {name_b} on {metric} ({detail})"
-    if lo is not None and hi is not None and hi < 0:
-        return f"{name_b} better than {name_a} on {metric} ({detail})"
     return f"cannot tell {name_a} and {name_b} apart on {metric} ({detail})"
 
 
