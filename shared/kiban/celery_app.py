@@ -8,6 +8,7 @@ by name, so this library never imports a service.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 
@@ -17,7 +18,12 @@ from kiban.messages import task_queues
 from kiban.settings import Settings, get_settings
 
 # Each service's task module; a container only has its own service installed.
-SERVICE_TASK_MODULES = ("kiban_ingest.tasks", "kiban_encoder.tasks", "kiban_reporter.tasks")
+SERVICE_TASK_MODULES = (
+    "kiban_ingest.tasks",
+    "kiban_encoder.tasks",
+    "kiban_reporter.tasks",
+    "kiban_trainer.tasks",
+)
 
 app = Celery("kiban")
 
@@ -25,6 +31,8 @@ app = Celery("kiban")
 def configure(settings: Settings | None = None) -> Celery:
     """Apply settings to the app: JSON only, late acks, prefetch 1, routes from messages."""
     settings = settings or get_settings()
+    if app.conf.broker_url != settings.broker_url:
+        _forget_broker_connections()
     app.conf.update(
         broker_url=settings.broker_url,
         # Results are not used: progress and outcomes live in the stores.
@@ -52,9 +60,26 @@ def configure(settings: Settings | None = None) -> Celery:
         task_routes={name: {"queue": queue} for name, queue in task_queues().items()},
         task_default_queue="ingest",
         worker_hijack_root_logger=False,
+        # kiban's handler writes to the real stderr; Celery must not swap it for a logger
+        # proxy (log records would loop back into logging and be lost)
+        worker_redirect_stdouts=False,
         worker_send_task_events=False,
     )
     return app
+
+
+def _forget_broker_connections() -> None:
+    """Close and drop pooled connections to a broker the app is no longer configured for
+    (a process that configures twice, e.g. a CLI or a test, must not publish to the old one).
+    The same reset Celery makes after a fork."""
+    pool = getattr(app, "_pool", None)
+    if pool is not None:
+        with contextlib.suppress(Exception):  # the old broker may be gone already
+            pool.force_close_all()
+    app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
 
 
 def load_service_tasks() -> list[str]:

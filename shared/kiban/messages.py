@@ -23,6 +23,25 @@ from kiban.errors import InvalidMessageError
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
+# Resource bounds: no single message may take a worker to gigabytes. The reporter keeps
+# ``queries x max(k)`` neighbours (12 bytes each: an int64 index, a float32 score), so
+# k <= 100 keeps them under the embeddings' own size; bootstrap keeps ``resamples x metrics
+# x models`` floats; an encoder holds one chunk's vectors (``chunk_size x dim x 4`` bytes).
+MAX_K = 100
+MAX_K_VALUES = 20
+MAX_MODELS = 32
+MAX_BATCHES = 1000
+MAX_URI_CHARS = 4096
+MAX_CHUNK_SIZE = 20_000
+MAX_CHUNK_INDEX = 1_000_000
+MAX_BOOTSTRAP = 20_000
+MAX_QUERY_SAMPLE = 1_000_000
+MAX_ANN_CHECK_QUERIES = 10_000
+MAX_SEED = 2**32 - 1
+
+K = Annotated[int, Field(ge=1, le=MAX_K)]
+Uri = Annotated[str, Field(min_length=1, max_length=MAX_URI_CHARS)]
+
 
 if TYPE_CHECKING:
     from kiban.settings import Settings
@@ -79,20 +98,32 @@ class EvaluationProtocol(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["auto", "leave-one-out", "leave-one-group-out", "split", "cross-batch"] = "auto"
-    query_split: str = Field("test", min_length=1, description="split protocol: query split")
+    query_split: str = Field(
+        "test", min_length=1, max_length=64, description="split protocol: query split"
+    )
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="split protocol without manifest splits: share of groups"
     )
     history_batches: list[Name] = Field(
-        default_factory=list, description="cross-batch: batches forming the index"
+        default_factory=list,
+        max_length=MAX_BATCHES,
+        description="cross-batch: batches forming the index",
     )
     query_sample: int | None = Field(
-        None, ge=1, description="Evaluate a class-stratified, seeded sample of this many queries"
+        None,
+        ge=1,
+        le=MAX_QUERY_SAMPLE,
+        description="Evaluate a class-stratified, seeded sample of this many queries",
     )
-    bootstrap: int = Field(1000, ge=0, le=100_000, description="Bootstrap resamples for CIs")
-    seed: int = Field(0, ge=0, description="Seeds sampling and bootstrap: same seed, same numbers")
+    bootstrap: int = Field(1000, ge=0, le=MAX_BOOTSTRAP, description="Bootstrap resamples for CIs")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seeds sampling and bootstrap: same seed, same numbers"
+    )
     ann_check_queries: int = Field(
-        200, ge=0, le=100_000, description="Queries compared between Qdrant and exact top-k"
+        200,
+        ge=0,
+        le=MAX_ANN_CHECK_QUERIES,
+        description="Queries compared between Qdrant and exact top-k",
     )
 
 
@@ -105,9 +136,9 @@ class RunPlan(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    models: list[Name] = Field(default_factory=list)
+    models: list[Name] = Field(default_factory=list, max_length=MAX_MODELS)
     evaluate: bool = True
-    k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 3, 5])
+    k: list[K] = Field(default_factory=lambda: [1, 3, 5], min_length=1, max_length=MAX_K_VALUES)
     protocol: EvaluationProtocol = Field(default_factory=EvaluationProtocol)
     volume_images_per_night: int | None = Field(
         None, ge=1, le=10**12, description="Cost projection volume for the evaluation."
@@ -129,9 +160,9 @@ class IngestBatch(Message):
 
     kind: Literal["ingest_batch"] = "ingest_batch"
     batch_id: Name
-    source: str = Field(min_length=1, description="file:///dir or s3://bucket/prefix")
-    manifest: str | None = Field(None, description="URI of a CSV/JSONL manifest")
-    chunk_size: int = Field(256, ge=1, le=100_000)
+    source: Uri = Field(description="file:///dir or s3://bucket/prefix")
+    manifest: Uri | None = Field(None, description="URI of a CSV/JSONL manifest")
+    chunk_size: int = Field(256, ge=1, le=MAX_CHUNK_SIZE, description="Images per chunk")
     plan: RunPlan = Field(default_factory=RunPlan)
 
 
@@ -140,7 +171,7 @@ class ChunkMessage(Message):
 
     batch_id: Name
     model: Name
-    chunk: int = Field(ge=0)
+    chunk: int = Field(ge=0, le=MAX_CHUNK_INDEX)
     plan: RunPlan | None = None
 
 
@@ -192,8 +223,8 @@ class EvaluateBatch(Message):
 
     kind: Literal["evaluate_batch"] = "evaluate_batch"
     batch_id: Name
-    models: list[Name] = Field(min_length=1)
-    k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [1, 3, 5])
+    models: list[Name] = Field(min_length=1, max_length=MAX_MODELS)
+    k: list[K] = Field(default_factory=lambda: [1, 3, 5], min_length=1, max_length=MAX_K_VALUES)
     protocol: EvaluationProtocol = Field(default_factory=EvaluationProtocol)
     request_id: str | None = Field(
         None, max_length=64, description="Set by the workflow; recorded in the report."
@@ -230,7 +261,9 @@ class ReindexModel(Message):
 
     kind: Literal["reindex_model"] = "reindex_model"
     model: Name
-    batches: list[Name] = Field(default_factory=list, description="Default: every batch.")
+    batches: list[Name] = Field(
+        default_factory=list, max_length=MAX_BATCHES, description="Default: every batch."
+    )
 
 
 class ExportReport(Message):
@@ -247,7 +280,7 @@ class ExportReport(Message):
     kind: Literal["export_report"] = "export_report"
     batch_id: Name
     report_version: str | None = Field(None, pattern=r"^\d{4}$", description="Default: the latest.")
-    destination: str = Field(min_length=1, description="file:///dir or s3://bucket/prefix")
+    destination: Uri = Field(description="file:///dir or s3://bucket/prefix")
 
 
 class TrainSpecialist(Message):
@@ -271,7 +304,7 @@ class TrainSpecialist(Message):
     }
 
     kind: Literal["train_specialist"] = "train_specialist"
-    batches: list[Name] = Field(min_length=1, max_length=1000)
+    batches: list[Name] = Field(min_length=1, max_length=MAX_BATCHES)
     base: str = Field(
         min_length=1,
         max_length=512,
@@ -281,7 +314,7 @@ class TrainSpecialist(Message):
     name: Name = Field(description="Registry name of the trained model")
     mode: Literal["head", "finetune"] = "head"
     epochs: int | None = Field(None, ge=1, le=10_000, description="Default: 40 head, 3 finetune")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     holdout_split: str = Field(
         "test", min_length=1, max_length=64, description="Split never trained on"
     )

@@ -16,6 +16,7 @@ from pydantic_settings.exceptions import SettingsError
 from kiban.errors import ConfigurationError
 
 DEFAULT_HOME = Path(".kiban")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
@@ -54,7 +55,7 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(32, ge=1, le=4096, description="Images per inference call.")
     chunk_size: int = Field(
-        256, ge=1, le=100_000, description="Images per encode task (one shard each)."
+        256, ge=1, le=20_000, description="Images per encode task (one shard each)."
     )
     threads: int = Field(
         0, ge=0, le=512, description="ONNX Runtime intra-op threads; 0 = all cores."
@@ -220,6 +221,14 @@ class Settings(BaseSettings):
         if not value or any(v < 1 for v in value):
             raise ValueError("expected positive integers, e.g. 5,10,20,50,100")
         return sorted(set(value))
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("schedule_cron")
     @classmethod

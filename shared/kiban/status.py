@@ -3,6 +3,11 @@
 Ingested = batch.json exists; encoded = a complete shard (``kiban.shards``) exists;
 indexed = the index task's marker exists; failed = a stage gave up on the chunk
 (``kiban.progress``); evaluated = a report version exists.
+
+One poisoned record never fails the whole answer: a batch.json, shard meta or dead letter
+that does not parse is listed as "unreadable: <reason>" (the reason names the problem, never
+the file's content) and the rest is read; markers for chunks outside the batch's plan are
+not counted.
 """
 
 from __future__ import annotations
@@ -10,13 +15,34 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from kiban.errors import StoreError
+from kiban.errors import KibanError
 from kiban.progress import failed_chunks, indexed_chunks
-from kiban.records import read_batch_info, report_versions
-from kiban.shards import list_shards, read_meta
+from kiban.records import batch_prefix, read_batch_info, report_versions
+from kiban.shards import list_shards, meta_key, read_meta
 from kiban.store import ObjectStore
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why a stored record could not be read, without quoting what it contains."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False, include_input=False)
+        if not errors:
+            return "invalid record"
+        first = errors[0]
+        where = ".".join(str(p) for p in first["loc"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return f"{where + ': ' if where else ''}{first['msg']}{more}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, KibanError):  # store errors name the key and the problem
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"cannot be read ({type(exc).__name__})"
 
 
 class ModelProgress(BaseModel):
@@ -39,6 +65,7 @@ class BatchStatus(BaseModel):
     models: list[ModelProgress] = []
     report_versions: list[str] = []
     dead_letters: int = 0
+    unreadable: list[str] = []  # "<key>: <reason>" for each stored record that did not parse
 
     @property
     def latest_report(self) -> str | None:
@@ -55,11 +82,27 @@ def letter_batch(letter: dict[str, Any]) -> str | None:
     if isinstance(payload, dict) and isinstance(payload.get("kwargs"), dict):
         payload = payload["kwargs"].get("message")  # wrong arguments: the raw call
     batch = payload.get("batch_id") if isinstance(payload, dict) else None
+    if not isinstance(batch, str):  # a truncated payload is text: the record names the batch
+        batch = letter.get("batch_id")
     return batch if isinstance(batch, str) else None
 
 
 def read_dead_letter(store: ObjectStore, key: str) -> dict[str, Any]:
-    return dict(json.loads(store.get(key)))
+    """The stored dead letter, always with ``task`` and ``reason``; one that cannot be read
+    or is not a JSON object comes back as ``{"task": <from its key>, "reason": "unreadable:
+    …", "unreadable": True}`` (no payload: it names no batch)."""
+    parts = key.split("/")
+    task = parts[1] if len(parts) > 2 else "?"
+    try:
+        letter = json.loads(store.get(key))
+        reason = None if isinstance(letter, dict) else "a JSON value that is not an object"
+    except Exception as exc:
+        reason = unreadable_reason(exc)
+    if reason is not None:
+        return {"task": task, "reason": f"unreadable: {reason}", "unreadable": True, "key": key}
+    letter.setdefault("task", task)
+    letter.setdefault("reason", "(no reason recorded)")
+    return letter
 
 
 def dead_letter_count(store: ObjectStore, batch_id: str | None = None) -> int:
@@ -80,26 +123,45 @@ def batch_status(
 ) -> BatchStatus:
     """Where the batch stands. ``detailed=False`` only lists keys — no shard metadata or
     dead letter is read — so a progress bar can poll it cheaply on a large batch."""
+    info_key = f"{batch_prefix(batch_id)}/batch.json"
+    if not store.exists(info_key):
+        return BatchStatus(batch_id=batch_id, ingested=False)
     try:
         info = read_batch_info(store, batch_id)
-    except StoreError:
-        return BatchStatus(batch_id=batch_id, ingested=False)
+    except Exception as exc:
+        return BatchStatus(
+            batch_id=batch_id,
+            ingested=False,
+            report_versions=report_versions(store, batch_id),
+            dead_letters=dead_letter_count(store, batch_id) if detailed else 0,
+            unreadable=[f"{info_key}: {unreadable_reason(exc)}"],
+        )
     if models is None:
         models = sorted({ref.model for ref in list_shards(store) if ref.batch_id == batch_id})
+    planned = {c.index for c in info.chunks}
     progress = []
+    unreadable: list[str] = []
     for model in models:
-        shards = list(list_shards(store, model, batch_id))
+        shards = [ref for ref in list_shards(store, model, batch_id) if ref.chunk in planned]
         entry = ModelProgress(
             model=model,
             chunks=len(info.chunks),
             encoded=len(shards),
-            indexed=len(indexed_chunks(store, batch_id, model)),
-            failed=len(failed_chunks(store, batch_id, model)),
+            indexed=len(indexed_chunks(store, batch_id, model) & planned),
+            failed=len(failed_chunks(store, batch_id, model) & planned),
         )
         if detailed:
-            metas = [read_meta(store, model, batch_id, ref.chunk) for ref in shards]
-            entry.images_encoded = sum(m.n_images for m in metas if m is not None)
-            entry.encode_failures = sum(len(m.failures) for m in metas if m is not None)
+            entry.images_encoded = entry.encode_failures = 0
+            for ref in shards:
+                try:
+                    meta = read_meta(store, model, batch_id, ref.chunk)
+                except Exception as exc:
+                    key = meta_key(model, batch_id, ref.chunk)
+                    unreadable.append(f"{key}: {unreadable_reason(exc)}")
+                    continue
+                if meta is not None:
+                    entry.images_encoded += meta.n_images
+                    entry.encode_failures += len(meta.failures)
         progress.append(entry)
     versions = report_versions(store, batch_id)
     return BatchStatus(
@@ -112,27 +174,40 @@ def batch_status(
         models=progress,
         report_versions=versions,
         dead_letters=dead_letter_count(store, batch_id) if detailed else 0,
+        unreadable=unreadable,
     )
 
 
 def list_batches(store: ObjectStore) -> list[dict[str, object]]:
-    """One row per ingested batch, oldest first."""
-    rows = []
+    """One row per ingested batch, oldest first; a batch whose batch.json cannot be read is
+    a row with ``unreadable`` set (its reason) and no counts, listed first."""
+    rows: list[dict[str, object]] = []
     for info in store.list("batches"):
         parts = info.key.split("/")
         if len(parts) == 3 and parts[2] == "batch.json":
-            batch = read_batch_info(store, parts[1])
-            rows.append(
-                {
-                    "batch": batch.batch_id,
-                    "created": batch.created_at,
-                    "accepted": batch.n_accepted,
-                    "quarantined": batch.n_quarantined,
-                    "duplicates": batch.n_duplicates,
-                    "reports": len(report_versions(store, batch.batch_id)),
-                }
-            )
-    return sorted(rows, key=lambda r: str(r["created"]))
+            row: dict[str, object] = {"batch": parts[1], "unreadable": None}
+            try:
+                batch = read_batch_info(store, parts[1])
+                row.update(
+                    created=batch.created_at,
+                    accepted=batch.n_accepted,
+                    quarantined=batch.n_quarantined,
+                    duplicates=batch.n_duplicates,
+                )
+            except Exception as exc:
+                row.update(
+                    created=None,
+                    accepted=None,
+                    quarantined=None,
+                    duplicates=None,
+                    unreadable=unreadable_reason(exc),
+                )
+            try:
+                row["reports"] = len(report_versions(store, parts[1]))
+            except Exception:
+                row["reports"] = None
+            rows.append(row)
+    return sorted(rows, key=lambda r: (r["created"] is not None, str(r["created"])))
 
 
 def recent_dead_letters(

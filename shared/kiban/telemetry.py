@@ -4,27 +4,69 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+import threading
+import traceback
+from types import TracebackType
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_SECRET_PATTERNS = [
-    # user:password@ in URLs (redis://:pw@host, s3 endpoints with creds)
-    (
-        re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]+)@"),
-        r"\g<scheme>\g<user>:***@",
-    ),
-    (
-        re.compile(r"(?i)(api[_-]?key|secret|password|token)(['\"]?\s*[:=]\s*['\"]?)([^\s'\",]+)"),
-        r"\1\2***",
-    ),
-]
+# --- redaction: credentials never reach a log line, an error, a traceback or the terminal ---
+#
+# Three forms, each with or without a scheme, in any setting or message:
+#   scheme://user:password@host (redis, rediss, redis+sentinel, sentinel, amqp, http(s), s3, …;
+#   the password may hold '@'), and every URL of a ';'-separated list (Celery fail-over);
+#   user:password@host:port without a scheme;
+#   secrets in query strings (?password=, &token=, X-Amz-Signature=, X-Amz-Credential=,
+#   X-Amz-Security-Token=, sig=, api_key=, …) and key=value / "key": "value" / key:value
+#   pairs whose key names a secret.
+# The user name and the host stay (they say where), the secret becomes ***.
+
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#'\"<>]*)@(?=[^\s@]|$)"
+)
+_BARE_USERINFO = re.compile(
+    r"(?<![\w.+/:@%~-])(?P<user>[\w.~%+-]*):(?P<pw>[^\s/?#'\"<>]+)@(?=[A-Za-z0-9\[])"
+)
+_SECRET_NAME = (
+    r"[\w.-]*(?:password|passwd|passphrase|secret|token|signature|credential|"
+    r"api[_-]?key|apikey|access[_-]?key|private[_-]?key|auth[_-]?key)[\w.-]*"
+)
+_QUERY_SECRET = re.compile(
+    rf"(?i)(?P<key>[?&;](?:{_SECRET_NAME}|pwd|pass|sig|key|auth|code))=(?P<value>[^&#\s'\"<>]*)"
+)
+_PAIR_SECRET = re.compile(
+    rf"(?i)(?P<key>\b{_SECRET_NAME})"
+    r"(?P<sep>['\"]?\s*=\s*['\"]?|['\"]\s*:\s*['\"]?|:(?=[^\s/]))"
+    r"(?P<value>(?!\*\*\*)[^\s'\",&;}\]]+)"
+)
+_AUTH_HEADER = re.compile(
+    r"(?i)\b(?P<key>authorization|x-api-key|api-key)(?P<sep>['\"]?\s*[:=]\s*['\"]?)"
+    r"(?:(?P<kind>bearer|basic|token)\s+)?(?P<value>[^\s'\",]+)"
+)
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    userinfo = match.group("userinfo")
+    if not userinfo:
+        return match.group(0)
+    user, colon, _ = userinfo.partition(":")
+    masked = f"{user}:***" if colon else "***"  # no colon: the whole userinfo is a token
+    return f"{match.group('scheme')}{masked}@"
+
+
+def _mask_header(match: re.Match[str]) -> str:
+    kind = f"{match.group('kind')} " if match.group("kind") else ""
+    return f"{match.group('key')}{match.group('sep')}{kind}***"
 
 
 def redact(text: str) -> str:
-    """Remove anything that looks like a credential from a log line or error."""
-    for pattern, repl in _SECRET_PATTERNS:
-        text = pattern.sub(repl, text)
-    return text
+    """Remove anything that looks like a credential from a log line, an error or a URL."""
+    text = _URL_USERINFO.sub(_mask_userinfo, text)
+    text = _BARE_USERINFO.sub(lambda m: f"{m.group('user')}:***@", text)
+    text = _QUERY_SECRET.sub(lambda m: f"{m.group('key')}=***", text)
+    text = _AUTH_HEADER.sub(_mask_header, text)
+    return _PAIR_SECRET.sub(lambda m: f"{m.group('key')}{m.group('sep')}***", text)
 
 
 class RedactingFilter(logging.Filter):
@@ -36,17 +78,55 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class RedactingFormatter(logging.Formatter):
+    """Redacts the whole formatted record: the message and any traceback or stack under it
+    (an exception's text, e.g. kombu's "Cannot connect to redis://:pw@…", included)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """stderr; when the stream it was given has been closed (a command line run inside a
+    test runner, which swaps stderr and closes it), the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(self.stream, "closed", False):
+            self.stream = sys.stderr
+        super().emit(record)
+
+
+def _redacting_excepthook(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
+
+
+def _redacting_thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    sys.stderr.write(redact(f"Exception in thread {name}:\n{text}"))
+
+
 def setup_logging(level: str = "INFO") -> None:
     """kiban's own loggers at ``level``; third-party chatter (Celery traces, open_clip) at
-    WARNING. Every handler redacts secrets."""
+    WARNING. Every handler redacts secrets, tracebacks included."""
     root = logging.getLogger()
     if not any(isinstance(f, RedactingFilter) for h in root.handlers for f in h.filters):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler = _StderrHandler()
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.addFilter(RedactingFilter())
         root.addHandler(handler)
+    # An uncaught exception's traceback (main thread or any other) is redacted too; a hook
+    # someone else installed (a debugger, pytest) is left in place.
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _redacting_excepthook
+    if threading.excepthook is threading.__excepthook__:
+        threading.excepthook = _redacting_thread_excepthook
     root.setLevel(logging.WARNING)
-    for name in ("kiban", "kiban_ingest", "kiban_encoder", "kiban_reporter"):
+    for name in ("kiban", "kiban_ingest", "kiban_encoder", "kiban_reporter", "kiban_trainer"):
         logging.getLogger(name).setLevel(level.upper())
 
 

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -110,6 +111,10 @@ def start_worker(
         start_beat(settings)
         return
     spec = resolve(service, settings, queues)
+    # a stray or malformed broker entry is dead-lettered; it never stops the worker
+    from kiban.stray import install as install_stray_guards
+
+    install_stray_guards(app, settings)
     for module in spec.modules:
         importlib.import_module(module)
     _start_metrics(port)
@@ -175,6 +180,8 @@ def serve(
     settings = load_settings()
     _require_distributed(settings)  # before the store is touched: a refusal changes nothing
     use_settings(settings)
+    # The reporter's figures (matplotlib) keep their font cache under KIBAN_HOME, not $HOME.
+    os.environ.setdefault("MPLCONFIGDIR", str(settings.home / "cache" / "matplotlib"))
     setup_logging(settings.log_level)
     # Fails fast on a wrong store setting, and makes the directory or bucket on first start.
     open_store(

@@ -24,8 +24,9 @@ from kiban.settings import Settings, use_settings
 from kiban.status import batch_status
 from kiban.store import open_store
 from kiban.workflow import dispatch
-from kiban_cli.stack import LocalStack, find_binary
+from kiban_cli.stack import LocalStack
 from kiban_cli.synthetic import generate_texture_dataset
+from tests.integration.stack_fixtures import running_stack, stack_settings
 
 pytestmark = pytest.mark.integration
 
@@ -33,22 +34,23 @@ REDIS_PASSWORD = "redis-pw-7f3a9c"  # noqa: S105 - throwaway test credential
 QDRANT_KEY = "qdrant-key-51be0d"
 
 
-def _settings(stack: LocalStack, home: Path) -> Settings:
-    env = {k[6:].lower(): v for k, v in stack.env.items() if k.startswith("KIBAN_")}
-    env["home"] = str(home)
-    return Settings(**env)  # type: ignore[arg-type]
+_settings = stack_settings
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    if find_binary("redis-server") is None:
-        pytest.skip("redis-server not installed (apt-get install -y redis-server)")
     home = tmp_path_factory.mktemp("stack")
     nights = tmp_path_factory.mktemp("nights")
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     generate_texture_dataset(nights / today, n_classes=3, per_class=6, size=64)
-    stack = LocalStack(
+    with running_stack(
         home,
+        [
+            ("ingest", "ingest"),
+            ("encoder", "encoder-0"),
+            ("encoder", "encoder-1"),
+            ("indexer", "indexer"),
+        ],
         redis_password=REDIS_PASSWORD,
         extra_env={
             "KIBAN_VISIBILITY_TIMEOUT": "8",  # killed workers' tasks come back quickly
@@ -65,24 +67,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             # file:// sources in messages only under the tests' temp root (issue 9 §3)
             "KIBAN_ALLOWED_ROOTS": str(tmp_path_factory.getbasetemp()),
         },
-    )
-    stack.start_servers()
-    old_env = {k: os.environ.get(k) for k in stack.env}
-    os.environ.update(stack.env)  # boto3 in this process uses the stack's S3 credentials
-    try:
-        stack.start_worker("ingest")
-        stack.start_worker("encoder", "encoder-0")
-        stack.start_worker("encoder", "encoder-1")
-        stack.start_worker("indexer")
+    ) as stack:
         yield stack
-    finally:
-        stack.stop()
-        for key, value in old_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        use_settings(None)
 
 
 @pytest.fixture(scope="module")

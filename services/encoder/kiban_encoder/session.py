@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,13 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# ONNX Runtime (Linux wheels too, since 1.2x) starts Microsoft's 1DS telemetry when the library
+# loads: a device ID and an event database in ~/.cache/Microsoft/DeveloperTools/.onnxruntime, a
+# session file in $TMPDIR, events queued for upload. ORT_DISABLE_TELEMETRY, read at load time,
+# switches all of it off, so it is set here, before onnxruntime is first imported (lazily,
+# below); ``disable_telemetry_events`` covers builds that log through ETW instead.
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 
 @dataclass
@@ -75,6 +83,7 @@ def load_model(
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
+        ort.disable_telemetry_events()  # and ETW events (Windows builds) off too
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

@@ -47,7 +47,8 @@ class LabelEntry:
 
 @dataclass(frozen=True)
 class RejectedRow:
-    """A manifest row set aside: its key cannot name an object of the source."""
+    """A manifest row set aside: its key cannot name an object of the source, or its label,
+    group or split cannot be stored as text."""
 
     line: int
     key: str  # printable, at most 200 characters
@@ -96,12 +97,18 @@ def parse_manifest(
         key = _key(row.get("key"), name, line, rejected)
         if key is None:
             continue
-        entry = LabelEntry(
-            label=_text(row.get("label"), "label", name, line),
-            group=_text(row.get("group"), "group", name, line),
-            split=_text(row.get("split"), "split", name, line),
-            line=line,
-        )
+        try:
+            entry = LabelEntry(
+                label=_text(row.get("label"), "label", name, line),
+                group=_text(row.get("group"), "group", name, line),
+                split=_text(row.get("split"), "split", name, line),
+                line=line,
+            )
+        except _UnusableTextError as exc:
+            if rejected is None:
+                raise ManifestError(f"manifest {name} line {line}: {exc}") from None
+            rejected.append(RejectedRow(line, printable_key(key)[:200], str(exc)))
+            continue
         if key in entries:
             duplicates.setdefault(key, [entries[key].line]).append(line)
             continue
@@ -204,6 +211,10 @@ def _key_reason(text: str) -> str | None:
     return f"key is not a valid object key ({problem})" if problem else None
 
 
+class _UnusableTextError(ValueError):
+    """A label, group or split that cannot be stored as text: the row is set aside."""
+
+
 def _text(value: Any, field: str, name: str, line: int) -> str | None:
     """A label/group/split: text, or a number (patient 17), or empty/null for none."""
     if value is None:
@@ -214,4 +225,8 @@ def _text(value: Any, field: str, name: str, line: int) -> str | None:
             f"got {type(value).__name__}"
         )
     text = str(value).strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a JSON "\udcff": no UTF-8 record or report can hold it
+        raise _UnusableTextError(f"{field} is not valid Unicode text (a lone surrogate)") from None
     return text or None

@@ -8,6 +8,7 @@ which proves the batch axis is really dynamic and batching does not change resul
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ from PIL import Image
 from kiban.imaging import preprocess
 from kiban.models.card import ParityResult, Preprocessing
 from kiban_export.errors import ExportError
+
+# ONNX Runtime's telemetry starts when the library loads (a device ID and an event database
+# under ~/.cache/Microsoft, a session file in $TMPDIR): off, before onnxruntime is imported.
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 THRESHOLD_COSINE = 0.999
 BATCH_CONSISTENCY_COSINE = 0.99999
@@ -51,6 +56,7 @@ def ort_session(path: Path, threads: int = 0):  # noqa: ANN201 - onnxruntime is 
     """A CPU onnxruntime session (parity is about the graph, not the hardware)."""
     import onnxruntime as ort
 
+    ort.disable_telemetry_events()  # nothing leaves the machine (a no-op where ORT has none)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:

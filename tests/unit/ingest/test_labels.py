@@ -168,3 +168,14 @@ def test_bad_rows() -> None:
 
 def test_manifest_errors_are_kiban_errors() -> None:
     assert issubclass(ManifestError, KibanError)
+
+
+def test_a_label_that_is_not_valid_unicode_sets_its_row_aside() -> None:
+    data = b'{"key": "a.png", "label": "\\udcff"}\n{"key": "b.png", "label": "ok"}\n'
+    rejected: list = []
+    manifest = parse_manifest(data, "m.jsonl", rejected)
+    assert set(manifest) == {"b.png"}
+    (row,) = rejected
+    assert row.line == 1 and "label is not valid Unicode text" in row.reason
+    with pytest.raises(ManifestError, match="line 1: label is not valid Unicode"):
+        parse_manifest(data, "m.jsonl")

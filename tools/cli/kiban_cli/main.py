@@ -14,15 +14,27 @@ from kiban.messages import EvaluationProtocol
 from kiban.records import latest_report_version, read_batch_info, read_records, report_prefix
 from kiban.shards import is_complete, read_shard
 from kiban.telemetry import redact
+from kiban_cli import deadletter as deadletter_cli
 from kiban_cli import models as models_cli
 from kiban_cli import ops
 from kiban_cli import train as train_cli
-from kiban_cli.common import console, fails_cleanly, settings_and_store
+from kiban_cli.common import (
+    OneLineErrors,
+    check_name,
+    check_vector_server,
+    console,
+    fails_cleanly,
+    parse_ks,
+    print_json,
+    print_text,
+    settings_and_store,
+)
 from kiban_cli.progress import run_with_progress
 from kiban_cli.report_html import write_report_html
 from kiban_cli.report_view import print_report
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="kiban: is the foundation model worth it on our images? Embed, index, evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -32,6 +44,7 @@ report_app = typer.Typer(help="Show evaluation reports.", no_args_is_help=True)
 embeddings_app = typer.Typer(help="Export stored embeddings.", no_args_is_help=True)
 app.add_typer(report_app, name="report")
 ops.register(app)
+deadletter_cli.register(app)
 train_cli.register(app)
 app.add_typer(embeddings_app, name="embeddings")
 
@@ -40,7 +53,7 @@ def _split_models(models: str) -> list[str]:
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
         raise KibanError("--models needs at least one model name")
-    return names
+    return [check_name(name, "model name") for name in names]
 
 
 PROTOCOL_HELP = "auto | leave-one-out | leave-one-group-out | split | cross-batch"
@@ -67,35 +80,32 @@ def run(
     ),
 ) -> None:
     """Ingest a source, encode it with each model, index, evaluate, print the report."""
+    names, ks = _split_models(models), parse_ks(k)
+    proto = _protocol(protocol, query_sample=query_sample)
+    if batch is not None:
+        check_name(batch)
     settings, store = settings_and_store()
+    check_vector_server(settings)
     report = run_with_progress(
         settings=settings,
         source=source,
-        models=_split_models(models),
+        models=names,
         manifest=manifest,
         batch_id=batch,
-        ks=_parse_ks(k),
-        protocol=_protocol(protocol, query_sample=query_sample),
+        ks=ks,
+        protocol=proto,
         volume_images_per_night=volume,
     )
     print_report(store, report["batch_id"], report["version"], volume)
-
-
-def _parse_ks(k: str) -> list[int]:
-    try:
-        ks = sorted({int(v) for v in k.split(",") if v.strip()})
-    except ValueError:
-        raise KibanError(f"--k must be comma-separated integers, got {k!r}") from None
-    if not ks or ks[0] < 1:
-        raise KibanError(f"--k values must be >= 1, got {k!r}")
-    return ks
 
 
 def _protocol(name: str, **fields: object) -> EvaluationProtocol:
     try:
         return EvaluationProtocol(name=name, **{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        raise KibanError(f"invalid protocol options: {exc.errors()[0]['msg']}") from None
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise KibanError(f"invalid protocol options: {where}: {first['msg']}") from None
 
 
 @app.command()
@@ -123,14 +133,8 @@ def evaluate(
     from kiban.pipeline import evaluate_stored
     from kiban.status import batch_status
 
-    settings, store = settings_and_store()
-    names = (
-        _split_models(models)
-        if models
-        else [m.model for m in batch_status(store, batch, detailed=False).models]
-    )
-    if not names:
-        raise KibanError(f"batch {batch!r} has no stored embeddings")
+    check_name(batch)
+    ks = parse_ks(k)
     proto = _protocol(
         protocol,
         query_split=query_split,
@@ -140,9 +144,16 @@ def evaluate(
         ann_check_queries=ann_check,
         history_batches=[h.strip() for h in history.split(",")] if history else None,
     )
-    report = evaluate_stored(
-        settings, batch, names, _parse_ks(k), proto, volume_images_per_night=volume
+    settings, store = settings_and_store()
+    check_vector_server(settings)
+    names = (
+        _split_models(models)
+        if models
+        else [m.model for m in batch_status(store, batch, detailed=False).models]
     )
+    if not names:
+        raise KibanError(f"batch {batch!r} has no stored embeddings")
+    report = evaluate_stored(settings, batch, names, ks, proto, volume_images_per_night=volume)
     print_report(store, report["batch_id"], report["version"])
 
 
@@ -169,6 +180,9 @@ def report_show(
     ),
 ) -> None:
     """Show a batch's evaluation report (the newest version unless --version)."""
+    check_name(batch)
+    if version is not None and not (version.isdigit() and len(version) == 4):
+        raise KibanError(f"--version must be four digits such as 0001, got {version[:50]!r}")
     settings, store = settings_and_store()
     version = version or latest_report_version(store, batch)
     if version is None:
@@ -176,11 +190,11 @@ def report_show(
     prefix = f"{report_prefix(batch)}/{version}"
     if as_html or out is not None:
         path = write_report_html(store, batch, version, out, settings.home)
-        console.print(str(path), markup=False, highlight=False, soft_wrap=True)
+        print_text(path)
     elif as_json:
-        console.print_json(store.get(f"{prefix}/report.json").decode())
-    elif markdown:
-        console.print(store.get(f"{prefix}/report.md").decode(), markup=False, highlight=False)
+        print_json(json.loads(store.get(f"{prefix}/report.json")))
+    elif markdown:  # rendered escaped (kiban_reporter.markdown); controls shown all the same
+        print_text(store.get(f"{prefix}/report.md").decode(errors="replace"), keep="\n")
     else:
         print_report(store, batch, version, volume)
 
@@ -193,6 +207,8 @@ def embeddings_export(
     out: Path = typer.Option(..., help="Output .npz (arrays ids, vectors, labels, groups)."),
 ) -> None:
     """Write a batch's stored embeddings for one model to an .npz, to check results elsewhere."""
+    check_name(batch)
+    check_name(model, "model name")
     _, store = settings_and_store()
     info = read_batch_info(store, batch)
     by_key = {r.key: r for r in read_records(store, batch)}
@@ -224,7 +240,8 @@ def embeddings_export(
             )
     except OSError as exc:
         raise KibanError(f"cannot write {out}: {exc.strerror or exc}") from None
-    console.print(f"wrote {len(ids)} × {vectors.shape[1] if vectors.size else 0} vectors to {out}")
+    dim = vectors.shape[1] if vectors.size else 0
+    print_text(f"wrote {len(ids)} × {dim} vectors to {out}")
 
 
 @app.command()
@@ -239,10 +256,19 @@ def settings(
         console.print(settings_table(), markup=False, highlight=False, soft_wrap=True)
         return
     s, _ = settings_and_store()
-    data = json.loads(s.model_dump_json())
+    data = json.loads(s.model_dump_json())  # SecretStr fields dump as '**********'
     data["resolved_store_uri"] = s.resolved_store_uri
-    data["broker_url"] = redact(s.broker_url)  # SecretStr fields already dump as '**********'
-    console.print_json(json.dumps(data))
+    print_json(_redacted(data))  # credentials in any URL (store, S3, Qdrant, broker) masked
+
+
+def _redacted(value: object) -> object:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return value
 
 
 @app.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,14 @@ from rich.table import Table
 from kiban.errors import KibanError
 from kiban.models.card import ModelCard
 from kiban.models.registry import list_cards, load_card, publish
-from kiban_cli.common import console, fails_cleanly, settings_and_store
+from kiban_cli.common import (
+    check_name,
+    console,
+    fails_cleanly,
+    print_json,
+    settings_and_store,
+    shown,
+)
 
 app = typer.Typer(help="Export, list and inspect encoders in the model registry.")
 
@@ -58,7 +64,7 @@ def export_and_publish(
     from kiban_export import export_model
 
     with tempfile.TemporaryDirectory(prefix="kiban-export-") as tmp:
-        with console.status(f"exporting {name} from {spec} …"):
+        with console.status(f"exporting {shown(name)} from {shown(spec)} …"):
             card, path = export_model(
                 spec,
                 name,
@@ -108,6 +114,7 @@ def export(
 
     if family not in (None, "foundation", "domain"):
         raise KibanError(f"--family must be foundation or domain, not {family!r}")
+    check_name(name, "model name")
     _, store = settings_and_store()
     options = None
     if spec.startswith("onnx:"):
@@ -132,11 +139,11 @@ def export(
         onnx_options=options,
         allow_parity_failure=allow_parity_failure,
     )
-    console.print_json(card.model_dump_json())
+    print_json(card.model_dump(mode="json"))
     parity = card.parity
     console.print(
-        f"[green]published[/] {card.name} ({card.family}, {card.embedding_dim}-d, "
-        f"{card.params / 1e6:.1f}M params, weights: {card.weights})"
+        f"[green]published[/] {shown(card.name)} ({shown(card.family)}, {card.embedding_dim}-d, "
+        f"{card.params / 1e6:.1f}M params, weights: {shown(card.weights)})"
         + (f"; parity min cosine {parity.min_cosine:.6f}" if parity else "")
     )
 
@@ -146,15 +153,15 @@ def export(
 def list_models() -> None:
     """List the models in the registry with their cards' key facts."""
     _, store = settings_and_store()
-    table = Table(title=f"models in {store.uri}")
+    table = Table(title=f"models in {shown(store.uri)}")
     for col in ("name", "family", "source", "weights", "dim", "params (M)", "MB", "parity cos"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for card in list_cards(store):
         table.add_row(
-            card.name,
-            card.family,
-            card.source,
-            card.weights,
+            shown(card.name),
+            shown(card.family),
+            shown(card.source),
+            shown(card.weights),
             str(card.embedding_dim),
             f"{card.params / 1e6:.1f}",
             f"{card.file_size / 1e6:.1f}",
@@ -167,5 +174,6 @@ def list_models() -> None:
 @fails_cleanly
 def show(name: str) -> None:
     """Print a model's card as JSON."""
+    check_name(name, "model name")
     _, store = settings_and_store()
-    console.print_json(json.dumps(load_card(store, name).model_dump(mode="json")))
+    print_json(load_card(store, name).model_dump(mode="json"))

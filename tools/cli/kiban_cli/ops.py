@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -21,7 +22,17 @@ from kiban.messages import (
     ReindexModel,
     RunPlan,
 )
-from kiban_cli.common import console, fails_cleanly, settings_and_store
+from kiban.store import ObjectStore
+from kiban_cli.common import (
+    check_name,
+    console,
+    describe,
+    fails_cleanly,
+    parse_ks,
+    print_json,
+    settings_and_store,
+    shown,
+)
 
 trigger_app = typer.Typer(
     help="Send a message to the queues (what any Celery producer can send).",
@@ -50,7 +61,7 @@ def worker(
     from kiban.worker import SERVICES, serve
 
     if service not in SERVICES:
-        raise KibanError(f"unknown service {service!r}: choose one of {', '.join(SERVICES)}")
+        raise KibanError(f"unknown service {service[:100]!r}: choose one of {', '.join(SERVICES)}")
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     serve(service, names, concurrency, metrics_port)
 
@@ -90,8 +101,8 @@ def up(
     env_file = home / "env.sh"
     env_file.write_text("".join(f"export {k}={v}\n" for k, v in stack.env.items()))
     env_file.chmod(0o600)  # holds the generated S3 secret: not printed, not world-readable
-    console.print(f"[green]kiban stack up[/] in {home} (logs in {home / 'logs'})")
-    console.print(f"use it from another shell:  source {env_file}", highlight=False)
+    console.print(f"[green]kiban stack up[/] in {shown(home)} (logs in {shown(home / 'logs')})")
+    console.print(f"use it from another shell:  source {shown(env_file)}", highlight=False)
     if detach:
         return
     console.print("Ctrl-C stops everything.")
@@ -107,7 +118,7 @@ def up(
             time.sleep(1)
             dead = [n for n, p in stack.procs.items() if not p.alive()]
             if dead:
-                console.print(f"[red]stopped unexpectedly:[/] {', '.join(dead)}")
+                console.print(f"[red]stopped unexpectedly:[/] {shown(', '.join(dead))}")
                 break
     except KeyboardInterrupt:
         pass
@@ -124,7 +135,7 @@ def down() -> None:
 
     settings, _ = settings_and_store()
     stopped = stop_from_state(_state_file(settings.home.resolve()))
-    console.print(f"stopped: {', '.join(stopped)}")
+    console.print(f"stopped: {shown(', '.join(stopped))}")
 
 
 @fails_cleanly
@@ -132,82 +143,179 @@ def status(
     batch: str | None = typer.Argument(None, help="Batch ID (default: list batches)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Progress of a batch per stage and model, failures, quarantine and dead letters."""
+    """Progress of a batch per stage and model, failures, quarantine and dead letters.
+
+    A record that cannot be read (a corrupt batch.json, shard meta or dead letter) is shown as
+    "unreadable: <reason>"; the rest of the store is listed all the same."""
     from kiban.status import batch_status, dead_letter_count, list_batches, recent_dead_letters
 
+    if batch is not None:
+        check_name(batch)
     _, store = settings_and_store()
     if batch is None:
         rows = list_batches(store)
         if as_json:
-            console.print_json(json.dumps(rows))
+            print_json(rows)
             return
-        table = Table(title=f"batches in {store.uri}")
-        for col in ("batch", "created", "accepted", "quarantined", "duplicates", "reports"):
-            table.add_column(col)
+        columns = ("batch", "created", "accepted", "quarantined", "duplicates", "reports")
+        table = Table(title=f"batches in {shown(store.uri)}")
+        for col in columns:
+            table.add_column(col, overflow="fold")
         for row in rows:
-            table.add_row(
-                *(
-                    str(row[c])
-                    for c in (
-                        "batch",
-                        "created",
-                        "accepted",
-                        "quarantined",
-                        "duplicates",
-                        "reports",
-                    )
-                )
-            )
+            if row.get("unreadable"):
+                table.add_row(shown(row["batch"]), "[red]unreadable[/]", "–", "–", "–", "–")
+            else:
+                table.add_row(*(shown(row[c]) for c in columns))
         console.print(table)
+        for row in rows:
+            if row.get("unreadable"):
+                console.print(
+                    f"  [red]unreadable:[/] batches/{shown(row['batch'])}/batch.json: "
+                    f"{shown(row['unreadable'])}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         console.print(f"dead letters: {dead_letter_count(store)}")
         for letter in recent_dead_letters(store, 5):
-            console.print(f"  [red]{letter['task']}[/]: {letter['reason']}", highlight=False)
+            _print_letter(letter)
         return
     state = batch_status(store, batch)
     if as_json:
-        console.print_json(state.model_dump_json())
+        print_json(state.model_dump(mode="json"))
         return
-    if not state.ingested:
+    if not state.ingested and not state.unreadable:
         raise KibanError(f"batch {batch!r} is not ingested (yet) in {store.uri}")
-    console.print(
-        f"[bold]{batch}[/]: {state.n_accepted} accepted, {state.n_quarantined} quarantined, "
-        f"{state.n_duplicates} duplicates, {state.chunks} chunks; "
-        f"reports: {', '.join(state.report_versions) or 'none'}; "
-        f"dead letters: {state.dead_letters}"
-    )
-    table = Table()
-    for col in ("model", "encoded", "indexed", "failed chunks", "images", "encode failures"):
-        table.add_column(col)
-    for m in state.models:
-        table.add_row(
-            m.model,
-            f"{m.encoded}/{m.chunks}",
-            f"{m.indexed}/{m.chunks}",
-            str(m.failed),
-            str(m.images_encoded),
-            str(m.encode_failures),
+    if state.ingested:
+        console.print(
+            f"[bold]{shown(batch)}[/]: {state.n_accepted} accepted, "
+            f"{state.n_quarantined} quarantined, {state.n_duplicates} duplicates, "
+            f"{state.chunks} chunks; "
+            f"reports: {shown(', '.join(state.report_versions) or 'none')}; "
+            f"dead letters: {state.dead_letters}",
+            soft_wrap=True,
         )
-    console.print(table)
+        table = Table()
+        for col in ("model", "encoded", "indexed", "failed chunks", "images", "encode failures"):
+            table.add_column(col, overflow="fold")
+        for m in state.models:
+            table.add_row(
+                shown(m.model),
+                f"{m.encoded}/{m.chunks}",
+                f"{m.indexed}/{m.chunks}",
+                str(m.failed),
+                str(m.images_encoded),
+                str(m.encode_failures),
+            )
+        console.print(table)
+    else:
+        console.print(
+            f"[bold]{shown(batch)}[/]: reports: "
+            f"{shown(', '.join(state.report_versions) or 'none')}; "
+            f"dead letters: {state.dead_letters}",
+            soft_wrap=True,
+        )
+    for problem in state.unreadable:
+        console.print(f"  [red]unreadable:[/] {shown(problem)}", highlight=False, soft_wrap=True)
     for letter in recent_dead_letters(store, 5, batch):
-        console.print(f"  [red]{letter['task']}[/]: {letter['reason']}", highlight=False)
+        _print_letter(letter)
+
+
+def _print_letter(letter: dict[str, object]) -> None:
+    task, reason = letter.get("task", "?"), letter.get("reason", "")
+    console.print(f"  [red]{shown(task)}[/]: {shown(reason)}", highlight=False, soft_wrap=True)
 
 
 def _send(message: Message) -> None:
     from kiban.celery_app import configure, load_service_tasks
     from kiban.workflow import dispatch
 
-    settings, _ = settings_and_store()
+    settings, store = settings_and_store()
     configure(settings)
     if settings.mode == "embedded":
         load_service_tasks()
-    dispatch(message, settings)
-    console.print_json(message.model_dump_json())
+        before = {info.key for info in store.list("deadletter")}
+        dispatch(message, settings)
+        _fail_if_dead_lettered(store, before, message)
+    else:
+        try:
+            with _bounded_broker_waits():
+                dispatch(message, settings)
+        except Exception as exc:  # unreachable, wrong password, not Redis: one line
+            raise KibanError(f"broker {settings.broker_url}: {describe(exc)}") from None
+    print_json(message.model_dump(mode="json"))
     where = "ran in this process" if settings.mode == "embedded" else "queued"
-    console.print(f"{message.kind} {where}")  # type: ignore[attr-defined]
+    console.print(f"{getattr(message, 'kind', type(message).__name__)} {where}")
+
+
+def _fail_if_dead_lettered(store: ObjectStore, before: set[str], message: Message) -> None:
+    """Embedded, the message ran here: a stage that failed for good (not a single chunk,
+    which the report states) is this command's failure, in one line."""
+    from kiban.pipeline import dooms_batch
+    from kiban.status import read_dead_letter
+
+    failed = [
+        read_dead_letter(store, info.key)
+        for info in store.list("deadletter")
+        if info.key not in before
+    ]
+    failed = [letter for letter in failed if dooms_batch(str(letter.get("task")))]
+    if failed:
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more dead letters)" if len(failed) > 1 else ""
+        kind = getattr(message, "kind", type(message).__name__)
+        raise KibanError(f"{kind} failed: {first.get('task')}: {first.get('reason')}{more}")
+
+
+#: A command line sending one message waits this long for the broker, then says so.
+BROKER_WAIT_SECONDS = 5
+
+
+@contextlib.contextmanager
+def _bounded_broker_waits() -> Iterator[None]:
+    """A person at the terminal gets an answer in seconds: connecting, reading and re-trying
+    the publish are bounded while this command sends (workers keep Celery's patient
+    defaults); afterwards the settings are restored and those connections dropped."""
+    from kiban.celery_app import app
+
+    keys = (
+        "broker_transport_options",
+        "broker_connection_timeout",
+        "broker_connection_max_retries",
+        "task_publish_retry_policy",
+    )
+    saved = {key: app.conf.get(key) for key in keys}
+    options = dict(saved["broker_transport_options"] or {})
+    options.update(
+        socket_connect_timeout=BROKER_WAIT_SECONDS,
+        socket_timeout=2 * BROKER_WAIT_SECONDS,
+        max_retries=1,
+    )
+    app.conf.update(
+        broker_transport_options=options,
+        broker_connection_timeout=BROKER_WAIT_SECONDS,
+        broker_connection_max_retries=1,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+    )
+    try:
+        yield
+    finally:
+        app.conf.update(saved)
+        pool = getattr(app, "_pool", None)  # connections made with the short waits
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.force_close_all()
+            app._pool = None
+        if getattr(app.amqp, "_producer_pool", None) is not None:
+            app.amqp._producer_pool = None
 
 
 def _models(models: str) -> list[str]:
-    return [m.strip() for m in models.split(",") if m.strip()]
+    return [check_name(m.strip(), "name") for m in models.split(",") if m.strip()]
 
 
 @trigger_app.command("ingest")
@@ -221,8 +329,10 @@ def trigger_ingest(
     k: str = typer.Option("1,3,5", help="k values."),
 ) -> None:
     """Ingest a batch and, with --models, encode, index and evaluate it."""
+    check_name(batch)
+    ks = parse_ks(k)
     settings, _ = settings_and_store()
-    plan = RunPlan(models=_models(models), evaluate=evaluate, k=[int(v) for v in k.split(",")])
+    plan = RunPlan(models=_models(models), evaluate=evaluate, k=ks)
     _send(
         IngestBatch(
             batch_id=batch,
@@ -243,11 +353,12 @@ def trigger_evaluate(
     protocol: str = typer.Option("auto", help="Evaluation protocol."),
 ) -> None:
     """Evaluate a batch from stored embeddings (a new report version)."""
+    check_name(batch)
     _send(
         EvaluateBatch(
             batch_id=batch,
             models=_models(models),
-            k=[int(v) for v in k.split(",")],
+            k=parse_ks(k),
             protocol=EvaluationProtocol(name=protocol),
         )
     )

@@ -11,21 +11,26 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from kiban.text import printable
 from kiban_cli.common import console
 
 
 def run_with_progress(**kwargs: object) -> dict:
-    """Run a batch, drawing one bar per stage and model from the stores' progress."""
+    """Run a batch, drawing one bar per stage and model from the stores' progress.
+
+    Model names are data: shown escaped and never read as markup. The live bars are
+    transient and printed once more at the end, so a run that fails before any progress
+    leaves only its one error line."""
     from kiban.pipeline import run_batch
     from kiban.status import BatchStatus
 
     with Progress(
-        TextColumn("{task.description:<28}"),
+        TextColumn("{task.description:<28}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        transient=False,
+        transient=True,
     ) as bar:
         bars: dict[str, TaskID] = {}
 
@@ -37,7 +42,11 @@ def run_with_progress(**kwargs: object) -> dict:
         def tick(status: BatchStatus) -> None:
             show("ingest", int(status.ingested), 1)
             for m in status.models:
-                show(f"encode {m.model} (chunks)", m.encoded, m.chunks)
-                show(f"index  {m.model} (chunks)", m.indexed, m.chunks)
+                name = printable(m.model)
+                show(f"encode {name} (chunks)", m.encoded, m.chunks)
+                show(f"index  {name} (chunks)", m.indexed, m.chunks)
 
-        return run_batch(progress=tick, **kwargs)  # type: ignore[arg-type]
+        report = run_batch(progress=tick, **kwargs)  # type: ignore[arg-type]
+    if bar.tasks:
+        console.print(bar.make_tasks_table(bar.tasks))
+    return report

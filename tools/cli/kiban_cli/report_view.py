@@ -2,7 +2,9 @@
 warnings.
 
 Reads the report JSON (schema kiban.report, docs/report.md) only; the full document is report.md.
-Model names, labels and device names are data: they are escaped before rich renders markup.
+Model names, labels, device names and every sentence quoting them are data: they go through
+``kiban_cli.common.shown`` (markup escaped, control and bidi characters shown as ``\x1b``),
+so they are displayed as typed and never interpreted by rich.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rich.markup import escape
 from rich.table import Table
 
 from kiban.records import report_prefix
 from kiban.store import ObjectStore
-from kiban_cli.common import console
+from kiban_cli.common import console, shown
 
 
 def _metric(model: dict[str, Any], k: int, key: str, ci: bool = False) -> str:
@@ -67,7 +68,7 @@ def _bytes(n: float | None) -> str:
 def _print_decision(report: dict[str, Any]) -> None:
     decision = report.get("decision")
     if decision:
-        console.print(f"[bold green]Decision:[/] [bold]{escape(decision['line'])}[/]")
+        console.print(f"[bold green]Decision:[/] [bold]{shown(decision['line'])}[/]")
     else:
         console.print("[bold]Decision:[/] none — the batch was not scored")
 
@@ -76,15 +77,15 @@ def _print_cost(report: dict[str, Any], volume: int | None) -> None:
     models = report["models"]
     if not models:
         return
-    cur = escape(models[0]["cost"]["currency"])
+    cur = shown(models[0]["cost"]["currency"])
     projections = {
         m["name"]: project(m["cost"], volume) if volume else m["cost"].get("projection")
         for m in models
     }
-    shown = [p for p in projections.values() if p]
+    projected = [p for p in projections.values() if p]
     table = Table(title="cost (measured by the encoder)", show_lines=False)
     cols = ["model", "device", "cores", "p50 s/batch", "device-s/1k", "storage/1M img"]
-    if shown:
+    if projected:
         cols += ["h/night", "device-h/night", f"{cur}/night", f"{cur}/month"]
     for col in cols:
         table.add_column(col, overflow="fold")
@@ -95,15 +96,15 @@ def _print_cost(report: dict[str, Any], volume: int | None) -> None:
         )
         d1k = cost.get("device_seconds_per_1k")
         row = [
-            escape(m["name"]),
-            escape(str(cost.get("device", "–")))
+            shown(m["name"]),
+            shown(str(cost.get("device", "–")))
             + (" [yellow](mixed)[/]" if cost.get("mixed_devices") else ""),
             str(cost.get("cores") or "–"),
             _fmt(cost.get("p50_batch_seconds"), 3),
             "–" if d1k is None else f"{d1k:.1f} {unit}-s",
             _bytes(cost.get("storage_bytes_per_million")),
         ]
-        if shown:
+        if projected:
             pr = projections[m["name"]] or {}
             row += [
                 _fmt(pr.get("hours_per_night"), 2),
@@ -113,8 +114,8 @@ def _print_cost(report: dict[str, Any], volume: int | None) -> None:
             ]
         table.add_row(*row)
     console.print(table)
-    if shown:
-        vol = shown[0]["volume_images_per_night"]
+    if projected:
+        vol = projected[0]["volume_images_per_night"]
         console.print(f"projection: {vol:,} images a night, one worker like the one that ran")
 
 
@@ -128,11 +129,11 @@ def print_summary(report: dict[str, Any], location: str, volume: int | None = No
     batch = report["batch"]
     _print_decision(report)
     console.print(
-        f"[bold]batch {escape(report['batch_id'])}[/] (report {report['version']}): "
+        f"[bold]batch {shown(report['batch_id'])}[/] (report {shown(report['version'])}): "
         f"{batch['n_accepted']} images, {batch['n_quarantined']} quarantined, "
-        f"{batch['n_duplicates']} duplicates; protocol {report['protocol']['name']}"
+        f"{batch['n_duplicates']} duplicates; protocol {shown(report['protocol']['name'])}"
     )
-    cur = escape(report["models"][0]["cost"]["currency"]) if report["models"] else ""
+    cur = shown(report["models"][0]["cost"]["currency"]) if report["models"] else ""
     table = Table(show_lines=False)
     for col in (
         "model",
@@ -153,8 +154,8 @@ def print_summary(report: dict[str, Any], location: str, volume: int | None = No
     for m in report["models"]:
         cost = m["cost"]
         table.add_row(
-            escape(m["name"]),
-            m["family"],
+            shown(m["name"]),
+            shown(m["family"]),
             "yes" if m["pretrained"] else "[red]no[/]",
             str(m["embedding_dim"]),
             f"{m['params'] / 1e6:.1f}",
@@ -170,20 +171,20 @@ def print_summary(report: dict[str, Any], location: str, volume: int | None = No
     console.print(table)
     _print_cost(report, volume)
     for verdict in report["verdicts"]:
-        console.print(f"• {escape(verdict)}")
+        console.print(f"• {shown(verdict)}")
     curves = report.get("learning_curves")
     if curves:
-        console.print(f"labelled set: {escape(curves['statement'])}")
+        console.print(f"labelled set: {shown(curves['statement'])}")
     trend = report.get("trend") or {}
     for model in trend.get("models", []):
         if model.get("regression"):
-            console.print(f"[red]regression:[/] {escape(model['statement'])}")
+            console.print(f"[red]regression:[/] {shown(model['statement'])}")
     for warning in report["warnings"][:10]:
-        console.print(f"[yellow]warning:[/] {escape(warning)}")
+        console.print(f"[yellow]warning:[/] {shown(warning)}")
     if len(report["warnings"]) > 10:
         console.print(f"[yellow]… {len(report['warnings']) - 10} more warnings in the report[/]")
     console.print(
-        f"full report: {escape(location)}/report.html (also report.md, report.json)",
+        f"full report: {shown(location)}/report.html (also report.md, report.json)",
         soft_wrap=True,
     )
 
