@@ -158,6 +158,11 @@ class Settings(BaseSettings):
         description="Seconds before Redis re-delivers an unacknowledged task (e.g. of a killed "
         "worker); must exceed the longest task.",
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address a worker's /metrics binds to; 0.0.0.0 opens it to the network "
+        "(the chart sets it so Prometheus can scrape pods).",
+    )
     metrics_port: int = Field(
         9100, ge=0, le=65535, description="Port of a worker's Prometheus /metrics (0 = off)."
     )
