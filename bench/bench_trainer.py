@@ -7,7 +7,8 @@
     and threads on float tensors normalised beforehand: NCHW (what a hand-written loop does)
     and channels-last. Rounds alternate so machine noise hits all alike. Target ≥ 0.9.
 (2) Head training time on 10,000 stored embeddings (synthetic 1280-d vectors, 10 classes,
-    the default head and 40 epochs: what ``kiban train --mode head`` does after reading shards).
+    the default head and the default epochs for that many vectors (``default_epochs``): what
+    ``kiban train --mode head`` does after reading shards).
 
 Usage: python bench/bench_trainer.py [--quick] [--threads N] [--model SPEC] [--images N]
 """
@@ -188,8 +189,11 @@ def main() -> None:
         "kiban's batches are uint8 NHWC permuted to NCHW inside the standard interface, i.e. "
         "channels-last strides: the layout oneDNN convolutions run fastest on a CPU."
     )
-    head = bench_head(10_000 if not args.quick else 5_000, 1280, 10, 40)
-    print("\n## Head training on stored embeddings (default head, 40 epochs)")
+    from kiban_trainer.train import default_epochs
+
+    n_head = 10_000 if not args.quick else 5_000
+    head = bench_head(n_head, 1280, 10, default_epochs("head", n_head))
+    print("\n## Head training on stored embeddings (default head, default epochs)")
     print("| vectors | dim | epochs | seconds | steps/s | vectors/s | loss first → last |")
     print("|---|---|---|---|---|---|---|")
     print(

@@ -313,7 +313,12 @@ class TrainSpecialist(Message):
     )
     name: Name = Field(description="Registry name of the trained model")
     mode: Literal["head", "finetune"] = "head"
-    epochs: int | None = Field(None, ge=1, le=10_000, description="Default: 40 head, 3 finetune")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Default: head 40, fewer on large sets (>= 1,000 steps, >= 5); finetune 3",
+    )
     seed: int = Field(0, ge=0, le=MAX_SEED)
     holdout_split: str = Field(
         "test", min_length=1, max_length=64, description="Split never trained on"

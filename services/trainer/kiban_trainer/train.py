@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -54,7 +55,22 @@ PARITY_IMAGES = 8
 DEFAULT_EPOCHS = {"head": head_mod.DEFAULT_EPOCHS, "finetune": 3}
 
 
-def default_epochs(mode: str) -> int:
+#: A head sees at least this many optimiser steps; large training sets need fewer epochs.
+HEAD_STEP_BUDGET = 1000
+HEAD_MIN_EPOCHS = 5
+
+
+def default_epochs(mode: str, n_images: int | None = None) -> int:
+    """Epochs when the message gives none.
+
+    A head's default is 40 epochs for the small sets a team starts with, but no more than the
+    epochs that make ``HEAD_STEP_BUDGET`` steps (at least ``HEAD_MIN_EPOCHS``): on 10,000
+    stored embeddings 13 epochs instead of 40 (measured: 51 s → ~17 s, loss already ≈ 0).
+    """
+    if mode == "head" and n_images:
+        steps_per_epoch = max(1, round(n_images / head_mod.HeadConfig().batch_size))
+        budget = math.ceil(HEAD_STEP_BUDGET / steps_per_epoch)
+        return max(HEAD_MIN_EPOCHS, min(DEFAULT_EPOCHS["head"], budget))
     return DEFAULT_EPOCHS[mode]
 
 
@@ -86,9 +102,9 @@ class Trained:
 def train_specialist(msg: TrainSpecialist, ctx: Context) -> ModelCard:
     """Train ``msg.name`` from ``msg.batches`` and publish it (or return the existing twin)."""
     started = time.perf_counter()
-    epochs = msg.epochs or default_epochs(msg.mode)
-    existing = _existing(ctx, msg, epochs)
     selection = read_selection(ctx.store, msg.batches, msg.holdout_split, msg.test_fraction)
+    epochs = msg.epochs or default_epochs(msg.mode, len(selection.images))
+    existing = _existing(ctx, msg, epochs)
     if existing is not None and _same_set(existing, selection):
         log.info("model %s is already trained this way; not training again", msg.name)
         return existing

@@ -113,3 +113,13 @@ def test_compose_refuses_a_head_of_the_wrong_width(tmp_path: Path) -> None:
     head = build_head(12, HeadConfig(hidden_dim=8, out_dim=4), seed=0).eval()
     with pytest.raises(TrainingError, match="12-d input"):
         compose(base, head.layers(), tmp_path / "combined.onnx")
+
+
+def test_default_head_epochs_shrink_on_large_sets_but_keep_a_step_budget() -> None:
+    from kiban_trainer.train import HEAD_STEP_BUDGET, default_epochs
+
+    assert default_epochs("head", 400) == 40  # the small sets a team starts with
+    assert default_epochs("head", 10_000) == 13  # 78 steps an epoch: >= 1,000 steps
+    assert default_epochs("head", 10_000) * round(10_000 / 128) >= HEAD_STEP_BUDGET
+    assert default_epochs("head", 10**7) == 5
+    assert default_epochs("finetune", 10_000) == 3
