@@ -257,6 +257,38 @@ def _est(m: Candidate) -> str:
     return f"{m.quality:.3f} [{m.ci_low:.3f}, {m.ci_high:.3f}]"
 
 
+#: Two models whose compute (MACs) is within SAME_COMPUTE of each other — a base and its head
+#: or fine-tuned specialist — but whose measured cost differs by MISMATCH_FACTOR or more are
+#: flagged: throughput was probably measured under different load (a shared machine). Models of
+#: different architectures are not compared this way (MACs per second differ legitimately).
+SAME_COMPUTE = 1.25
+MISMATCH_FACTOR = 1.5
+
+
+def compute_mismatches(models: Sequence[Candidate]) -> list[str]:
+    """Pairs of nearly equal compute whose measured cost ratio is far from 1.
+
+    Cost is measured while the shards were encoded: two models encoded at different times on a
+    shared machine can differ in throughput for reasons that are not theirs. MACs per image are
+    counted from the graphs, so a large disagreement is worth a note next to the decision.
+    """
+    notes = []
+    priced = [m for m in models if m.cost and m.summary.macs_per_image]
+    for i, a in enumerate(priced):
+        for b in priced[i + 1 :]:
+            assert a.cost and b.cost and a.summary.macs_per_image and b.summary.macs_per_image
+            measured = a.cost / b.cost
+            compute = a.summary.macs_per_image / b.summary.macs_per_image
+            similar = max(compute, 1 / compute) <= SAME_COMPUTE
+            if similar and max(measured / compute, compute / measured) >= MISMATCH_FACTOR:
+                notes.append(
+                    f"{a.name} vs {b.name}: measured cost ratio {measured:.2g}x but compute "
+                    f"(MACs) ratio {compute:.2g}x — throughput was probably measured under "
+                    "different load; re-encode both in one run before trusting that cost ratio."
+                )
+    return notes
+
+
 def decide(
     sections: Sequence[ModelSection],
     comparisons: Sequence[PairComparison],
@@ -292,6 +324,7 @@ def decide(
         if _is_cheaper(a, b)
     ]
     line, recommended = _line(defined, statements, comparisons, headline_k, margin, notes)
+    notes.extend(compute_mismatches(defined))
     if recommended is not None:
         rec = next(m for m in defined if m.name == recommended)
         if not rec.pretrained:

@@ -399,3 +399,20 @@ def test_an_untrained_competitor_is_named_as_one() -> None:
     d = decide(sections, [_pair("effnet", "vit-random", 0.7, 0.6, 0.8)], 5, 0.01)
     assert d is not None and d.recommended == "effnet"
     assert "the next best, vit-random (untrained baseline)" in d.line
+
+
+def test_cost_ratio_far_from_the_macs_ratio_is_noted() -> None:
+    from types import SimpleNamespace
+
+    from kiban_reporter.decision import compute_mismatches
+
+    def cand(name: str, cost: float, macs: int) -> SimpleNamespace:
+        return SimpleNamespace(name=name, cost=cost, summary=SimpleNamespace(macs_per_image=macs))
+
+    same_compute = [cand("base", 22.0, 400), cand("head", 10.7, 405)]  # 2.1x cost, 1.0x MACs
+    (note,) = compute_mismatches(same_compute)  # type: ignore[arg-type]
+    assert "base vs head" in note and "different load" in note
+    other_architectures = [cand("vit", 160.0, 4450), cand("effnet", 22.0, 400)]  # 7.3x vs 11x
+    assert compute_mismatches(other_architectures) == []  # type: ignore[arg-type]
+    same_speed = [cand("base", 22.0, 400), cand("head", 23.0, 405)]
+    assert compute_mismatches(same_speed) == []  # type: ignore[arg-type]

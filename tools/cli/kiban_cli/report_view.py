@@ -69,6 +69,8 @@ def _print_decision(report: dict[str, Any]) -> None:
     decision = report.get("decision")
     if decision:
         console.print(f"[bold green]Decision:[/] [bold]{shown(decision['line'])}[/]")
+        for note in decision.get("notes", []):
+            console.print(f"  [dim]note: {shown(note)}[/]")
     else:
         console.print("[bold]Decision:[/] none — the batch was not scored")
 
