@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import logging
 
 from celery import Celery
 
+from kiban.liveness import LivenessStep, restore_sweep_interval
 from kiban.messages import task_queues
 from kiban.settings import Settings, get_settings
 
@@ -44,15 +46,16 @@ def configure(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         event_serializer="json",
         # Acknowledge after the work, one message at a time, and re-deliver the task of a
-        # worker that died; Redis re-delivers unacknowledged messages after the visibility
-        # timeout, which must exceed the longest task.
+        # worker that died: Redis puts an unacknowledged message back on its queue when its
+        # lease is older than the visibility timeout; a live worker renews the leases of the
+        # messages it holds (kiban.liveness), so only a dead worker's tasks come back.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
             # sweep for abandoned (unacknowledged) messages often enough for the timeout
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+            "unacked_restore_interval": restore_sweep_interval(settings.visibility_timeout),
             "unacked_restore_throttle": 1,
         },
         broker_connection_retry_on_startup=True,
@@ -65,7 +68,55 @@ def configure(settings: Settings | None = None) -> Celery:
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
     )
+    app.steps["consumer"].add(LivenessStep)  # lease renewal and heartbeats, workers only
+    for name in ACK_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RecoveredAckFilter) for f in logger.filters):
+            logger.addFilter(RecoveredAckFilter())
     return app
+
+
+#: Loggers through which Celery and kombu report an acknowledgement that did not reach the
+#: broker (``Message.ack_log_error`` logs with the caller's logger).
+ACK_LOGGERS = ("celery.worker.request", "kombu.message")
+_LOST_ACK = ("Couldn't ack", "Couldn't reject")
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import redis.exceptions
+    from kombu.exceptions import OperationalError
+
+    return (
+        OSError,  # ConnectionError, BrokenPipeError, socket timeouts
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        OperationalError,
+    )
+
+
+class RecoveredAckFilter(logging.Filter):
+    """An ack (or reject) lost to a broken broker connection is an expected, recovered
+    condition, not a CRITICAL one: the message stays unacknowledged in the broker and is
+    delivered again (when the consumer reconnects, or after the visibility timeout), and the
+    work is idempotent. Celery logs it at CRITICAL with a traceback; this filter makes it one
+    WARNING line. Any other CRITICAL record, or a lost ack for another reason, is untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if (
+            record.levelno >= logging.CRITICAL
+            and isinstance(record.msg, str)
+            and record.msg.startswith(_LOST_ACK)
+            and exc is not None
+            and isinstance(exc, _connection_errors())
+        ):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg += (
+                " — the broker connection was lost; the message stays unacknowledged and is "
+                "delivered again"
+            )
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _forget_broker_connections() -> None:

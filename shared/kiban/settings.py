@@ -117,6 +117,13 @@ class Settings(BaseSettings):
         description="δ of the verdict: a cheaper model is 'within δ' of another when the paired "
         "95% CI of its MV@k macro-F1 difference has its lower bound above −δ.",
     )
+    variant_min_overlap: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="`kiban models quantize`: a precision variant whose top-5 neighbour overlap "
+        "with its parent is below this is published with a warning on its card.",
+    )
     learning_curve_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [5, 10, 20, 50, 100],
         description="Labelled images per class in the index at each learning-curve point "
@@ -153,10 +160,13 @@ class Settings(BaseSettings):
         ),
     )
     visibility_timeout: int = Field(
-        6 * 3600,
+        60,
         ge=5,
-        description="Seconds before Redis re-delivers an unacknowledged task (e.g. of a killed "
-        "worker); must exceed the longest task.",
+        le=24 * 3600,
+        description="Seconds after its worker's last lease renewal before Redis re-delivers an "
+        "unacknowledged task: a killed worker's task is redone this long (+ at most 10 s) after "
+        "it died. A live worker renews the lease of every task it holds (every "
+        "min(10, timeout/6) s), so a task may run longer; see docs/deployment.md, Redelivery.",
     )
     metrics_host: str = Field(
         "127.0.0.1",

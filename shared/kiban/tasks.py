@@ -41,7 +41,15 @@ from kiban.context import Context
 from kiban.errors import InvalidMessageError
 from kiban.messages import Message, is_valid_name, parse_message
 from kiban.settings import Settings, get_settings
-from kiban.telemetry import DEAD_LETTERS, TASK_FAILURES, TASK_RETRIES, TASK_SECONDS, redact
+from kiban.telemetry import (
+    DEAD_LETTERS,
+    TASK_FAILURES,
+    TASK_RETRIES,
+    TASK_SECONDS,
+    UNKNOWN_TASK,
+    record_task,
+    redact,
+)
 from kiban.transient import TransientError
 from kiban.vectors import VectorIndex
 
@@ -196,7 +204,7 @@ def dead_letter(
     body = record_bytes(record)
     key = f"{dead_letter_dir(task)}/{record['id']}.json"
     # a stray message's task name is not a metric label (labels must stay few)
-    DEAD_LETTERS.labels(task if task in app.tasks else "(unknown)").inc()
+    DEAD_LETTERS.labels(task if task in app.tasks else UNKNOWN_TASK).inc()
     try:
         ctx.store.put(key, body)
     except Exception as exc:  # noqa: BLE001 - the log line below still carries the reason
@@ -255,10 +263,20 @@ class KibanTask(Task):
             )
         return parse_message(kwargs["message"], self.message_type)
 
+    def delivered_from(self) -> str:
+        """The queue this run's message came from (a pool's ``encode.<pool>`` included)."""
+        info = getattr(self.request, "delivery_info", None) or {}
+        queue = info.get("routing_key")
+        return queue if isinstance(queue, str) and queue else self.message_type.queue
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        record_task(self.name, self.delivered_from(), "success")
+
     def on_retry(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
         TASK_RETRIES.labels(self.name).inc()
+        record_task(self.name, self.delivered_from(), "retry")
         log.warning(
             "%s: %s; retry %d/%d",
             self.name,
@@ -278,6 +296,7 @@ class KibanTask(Task):
         else:
             reason, kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
         TASK_FAILURES.labels(self.name, kind).inc()
+        record_task(self.name, self.delivered_from(), "failure")
         try:
             ctx = Context.from_settings(get_settings())
             dead_letter(ctx, self.name, _payload(args, kwargs), reason)

@@ -7,6 +7,7 @@ import re
 import sys
 import threading
 import traceback
+from collections.abc import Iterable
 from types import TracebackType
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -130,21 +131,119 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(name).setLevel(level.upper())
 
 
+# --- Prometheus metrics ------------------------------------------------------------------
+#
+# Every labelled counter is given its series at start-up for the label values a process can
+# know (``init_task_series``, ``init_model_series``, ``init_queue_series``): a series that
+# appears only with its first increment is invisible to ``increase()``/``rate()``, so the
+# first event after every (re)start — the first dead letter, the first image — would be lost
+# to dashboards and alerts.
+
 TASK_SECONDS = Histogram(
     "kiban_task_duration_seconds",
-    "Wall time of a kiban task",
+    "Wall time of a kiban task run (every run: success, retry or failure)",
     ["task"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
+#: How a task run ended: ``success``; ``retry`` (a transient error, the message comes back
+#: later); ``failure`` (the failure path: the message is dead-lettered). ``queue`` is the
+#: queue the message came from (``encode.<pool>`` for a pool).
+OUTCOMES = ("success", "retry", "failure")
+TASKS = Counter(
+    "kiban_tasks_total",
+    "Task runs by outcome: success, retry (transient error, re-queued) or failure (dead-lettered)",
+    ["task", "queue", "outcome"],
+)
+TASK_LAST_SUCCESS = Gauge(
+    "kiban_task_last_success_timestamp_seconds",
+    "Unix time of the latest successful run of the task in this process",
+    ["task"],
+)
+#: Failure reasons known before any failure; others (a permanent error's class name)
+#: appear with their first occurrence.
+KNOWN_FAILURE_REASONS = ("invalid_message", "TransientError")
 TASK_FAILURES = Counter("kiban_task_failures_total", "Tasks that raised", ["task", "reason"])
+TASK_RETRIES = Counter("kiban_task_retries_total", "Retries after transient errors", ["task"])
+#: The ``task`` label of a dead letter whose task is not a kiban task (a stray message).
+UNKNOWN_TASK = "(unknown)"
+DEAD_LETTERS = Counter("kiban_dead_letters_total", "Messages dead-lettered", ["task"])
+
 IMAGES_ENCODED = Counter("kiban_images_encoded_total", "Images embedded", ["model", "provider"])
-ENCODE_THROUGHPUT = Gauge(
-    "kiban_encode_images_per_second", "Throughput of the last encoded chunk", ["model"]
+ENCODE_SECONDS = Counter(
+    "kiban_encode_seconds_total",
+    "Wall seconds spent encoding chunks (read, decode, infer; per chunk), so "
+    "rate(kiban_images_encoded_total) / rate(kiban_encode_seconds_total) is images per "
+    "encoding second",
+    ["model", "provider"],
 )
 POINTS_UPSERTED = Counter("kiban_points_upserted_total", "Vectors written to Qdrant", ["model"])
-TASK_RETRIES = Counter("kiban_task_retries_total", "Retries after transient errors", ["task"])
-DEAD_LETTERS = Counter("kiban_dead_letters_total", "Messages dead-lettered", ["task"])
-QUEUE_LENGTH = Gauge("kiban_queue_length", "Messages waiting in a broker queue", ["queue"])
+
+#: 1 while a worker consumes the queue (set when Celery is ready, 0 when it shuts down).
+WORKER_CONSUMING = Gauge(
+    "kiban_worker_consuming", "1 while this worker consumes the queue", ["service", "queue"]
+)
+
+# Exported by the queue exporter (``kiban.exporter``) only: one process samples the broker,
+# independent of the queues' consumers.
+QUEUE_LENGTH = Gauge(
+    "kiban_queue_length",
+    "Messages waiting in a broker queue (all priority levels)",
+    ["queue"],
+)
+QUEUE_UNACKED = Gauge(
+    "kiban_queue_unacked",
+    "Messages delivered to a worker and not yet acknowledged (every queue)",
+)
+QUEUE_SAMPLED = Gauge(
+    "kiban_queue_sample_timestamp_seconds",
+    "Unix time of the queue exporter's latest successful sample of the broker",
+)
+
+
+def init_task_series(pairs: Iterable[tuple[str, str]]) -> None:
+    """Give each (task, queue) its series at 0: outcomes, retries, dead letters, failures by
+    the known reasons, durations; and the dead letters of stray messages."""
+    for task, queue in pairs:
+        for outcome in OUTCOMES:
+            TASKS.labels(task, queue, outcome)
+        TASK_SECONDS.labels(task)
+        TASK_RETRIES.labels(task)
+        DEAD_LETTERS.labels(task)
+        for reason in KNOWN_FAILURE_REASONS:
+            TASK_FAILURES.labels(task, reason)
+    DEAD_LETTERS.labels(UNKNOWN_TASK)  # every worker dead-letters stray broker entries
+
+
+def init_model_series(
+    models: Iterable[str],
+    providers: Iterable[str] = (),
+    *,
+    encode: bool = False,
+    index: bool = False,
+) -> None:
+    """Give each model (x execution provider) its encoding and indexing series at 0."""
+    providers = tuple(providers)
+    for model in models:
+        if encode:
+            for provider in providers:
+                IMAGES_ENCODED.labels(model, provider)
+                ENCODE_SECONDS.labels(model, provider)
+        if index:
+            POINTS_UPSERTED.labels(model)
+
+
+def record_task(task: str, queue: str, outcome: str) -> None:
+    """Count a task run's outcome; a success also stamps the task's last-success time."""
+    TASKS.labels(task, queue, outcome).inc()
+    if outcome == "success":
+        TASK_LAST_SUCCESS.labels(task).set_to_current_time()
+
+
+def record_encoded(model: str, provider: str, images: int, seconds: float) -> None:
+    """One encoded chunk: its images and the wall seconds it took (rates, not a gauge)."""
+    IMAGES_ENCODED.labels(model, provider).inc(images)
+    ENCODE_SECONDS.labels(model, provider).inc(max(0.0, seconds))
+
 
 # Retrieval quality of the latest evaluation, set by the reporter after it writes a report
 # (kiban_reporter.trend.export_gauges). Labels are bounded: ``series`` is the batch series

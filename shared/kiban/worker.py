@@ -10,6 +10,15 @@ extra installed (no CLI dependencies)::
     python -m kiban.worker SERVICE [--queues Q1,Q2] [--concurrency N] [--metrics-port P]
     kiban-worker SERVICE ...        # the same, as a console script
 
+Besides the task services there are two that run no tasks: ``beat`` (the nightly schedule)
+and ``exporter`` (every queue's depth, sampled from the broker: ``kiban.exporter``).
+
+Metrics: ``/metrics`` binds to ``KIBAN_METRICS_HOST`` (127.0.0.1 unless opened) on the
+metrics port. At start-up a worker gives its labelled counters their series for every label
+value it can know (its tasks and queues, the outcomes, the models in the registry, the
+execution providers, the quarantine reasons), so ``increase()`` sees the first event after
+a (re)start. Each worker has a unique Celery node name, ``<service>-<pid>@<host>``.
+
 ``kiban worker SERVICE ...`` (the CLI) runs the same code.
 """
 
@@ -21,17 +30,22 @@ import importlib
 import logging
 import os
 import sys
-import threading
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NoReturn
 
 from kiban.celery_app import app, configure
 from kiban.errors import ConfigurationError, KibanError
-from kiban.messages import service_queues
+from kiban.messages import EncodeChunk, IndexShard, IngestBatch, registry, service_queues
 from kiban.settings import Settings, load_settings, use_settings
 from kiban.store import open_store
-from kiban.telemetry import QUEUE_LENGTH, redact, setup_logging
+from kiban.telemetry import (
+    WORKER_CONSUMING,
+    init_model_series,
+    init_task_series,
+    redact,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +66,9 @@ SERVICE_MODULES: dict[str, str] = {
 }
 
 
-#: What ``python -m kiban.worker SERVICE`` accepts: the task services and the schedule.
-SERVICES: tuple[str, ...] = (*SERVICE_MODULES, "beat")
+#: What ``python -m kiban.worker SERVICE`` accepts: the task services, the schedule and the
+#: queue exporter (the last two run no tasks).
+SERVICES: tuple[str, ...] = (*SERVICE_MODULES, "beat", "exporter")
 
 
 def service_spec(service: str) -> ServiceSpec:
@@ -64,7 +79,7 @@ def resolve(service: str, settings: Settings, queues: list[str] | None) -> Servi
     """The task modules and queues one worker serves, given the Qdrant mode."""
     if service not in SERVICE_MODULES:
         raise ConfigurationError(
-            f"unknown service {service!r}: choose one of {', '.join([*SERVICE_MODULES, 'beat'])}"
+            f"unknown service {service!r}: choose one of {', '.join(SERVICES)}"
         )
     spec = service_spec(service)
     local_qdrant = settings.qdrant_url is None
@@ -82,16 +97,71 @@ def resolve(service: str, settings: Settings, queues: list[str] | None) -> Servi
     return spec
 
 
-def _watch_queues(settings: Settings, queues: tuple[str, ...], every: float = 15.0) -> None:
-    """Export queue lengths (Redis LLEN) so dashboards see backlog, not just throughput."""
-    import redis
+def served_tasks(queues: Iterable[str]) -> list[tuple[str, str]]:
+    """(task, queue) for every registered kiban task this worker receives: the task's queue
+    or one of its pools (``encode`` → ``encode.gpu``) is among ``queues``."""
+    queues = tuple(queues)
+    return [
+        (cls.task, queue)
+        for cls in registry().values()
+        if cls.task in app.tasks
+        for queue in queues
+        if queue == cls.queue or queue.startswith(f"{cls.queue}.")
+    ]
 
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
-    while True:
+
+def registry_models(settings: Settings) -> list[str]:
+    """Names of the models published in the store (one listing; empty when unreadable)."""
+    try:
+        store = open_store(
+            settings.resolved_store_uri, settings.s3_endpoint_url, settings.s3_region
+        )
+        keys = [info.key for info in store.list("models")]
+    except Exception as exc:  # noqa: BLE001 - metrics must never stop a worker starting
+        log.warning("metrics: could not list the models: %s", redact(str(exc)))
+        return []
+    parts = [key.split("/") for key in keys]
+    return sorted({p[1] for p in parts if len(p) == 3 and p[2] == "card.json"})
+
+
+def init_series(service: str, queues: tuple[str, ...], settings: Settings) -> None:
+    """Every series this worker can name before its first event, at 0."""
+    pairs = served_tasks(queues)
+    init_task_series(pairs)
+    tasks = {task for task, _ in pairs}
+    encode, index = EncodeChunk.task in tasks, IndexShard.task in tasks
+    if encode or index:
+        providers = dict.fromkeys([*settings.ort_providers, "CPUExecutionProvider"])
+        init_model_series(registry_models(settings), providers, encode=encode, index=index)
+    if IngestBatch.task in tasks:
+        with contextlib.suppress(ImportError):
+            ingest_metrics = importlib.import_module("kiban_ingest.metrics")
+            categories = {c for _, c in ingest_metrics.CATEGORIES} | {"other"}
+            for category in sorted(categories):
+                ingest_metrics.IMAGES_QUARANTINED.labels(category)
+    for queue in queues:
+        WORKER_CONSUMING.labels(service, queue).set(0)
+
+
+def _track_consuming(service: str, queues: tuple[str, ...]) -> None:
+    """kiban_worker_consuming = 1 once Celery consumes, 0 when it starts shutting down."""
+    from celery.signals import worker_ready, worker_shutting_down
+
+    def ready(**_: object) -> None:
         for queue in queues:
-            with contextlib.suppress(Exception):  # broker restarting: next round
-                QUEUE_LENGTH.labels(queue).set(client.llen(queue))
-        time.sleep(every)
+            WORKER_CONSUMING.labels(service, queue).set(1)
+
+    def stopping(**_: object) -> None:
+        for queue in queues:
+            WORKER_CONSUMING.labels(service, queue).set(0)
+
+    worker_ready.connect(ready, weak=False)
+    worker_shutting_down.connect(stopping, weak=False)
+
+
+def node_name(service: str) -> str:
+    """Celery's node name: unique per process, so two workers on one host are two nodes."""
+    return f"{service}-{os.getpid()}@%h"
 
 
 def start_worker(
@@ -100,6 +170,7 @@ def start_worker(
     queues: list[str] | None = None,
     concurrency: int = 1,
     metrics_port: int | None = None,
+    interval: float | None = None,
 ) -> None:
     """Run the worker in this process until it is stopped (blocks)."""
     _require_distributed(settings)
@@ -107,8 +178,14 @@ def start_worker(
     configure(settings)
     port = settings.metrics_port if metrics_port is None else metrics_port
     if service == "beat":
-        _start_metrics(port)
+        _start_metrics(port, settings.metrics_host)
         start_beat(settings)
+        return
+    if service == "exporter":
+        from kiban.exporter import DEFAULT_INTERVAL, run_exporter
+
+        _start_metrics(port, settings.metrics_host)
+        run_exporter(settings, queues or (), interval or DEFAULT_INTERVAL)
         return
     spec = resolve(service, settings, queues)
     # a stray or malformed broker entry is dead-lettered; it never stops the worker
@@ -117,10 +194,9 @@ def start_worker(
     install_stray_guards(app, settings)
     for module in spec.modules:
         importlib.import_module(module)
-    _start_metrics(port)
-    threading.Thread(
-        target=_watch_queues, args=(settings, spec.queues), daemon=True, name="queue-watch"
-    ).start()
+    init_series(service, spec.queues, settings)
+    _track_consuming(service, spec.queues)
+    _start_metrics(port, settings.metrics_host)
     log.info(
         "%s worker: queues %s, broker %s",
         service,
@@ -130,7 +206,7 @@ def start_worker(
     argv = [
         "worker",
         f"--queues={','.join(spec.queues)}",
-        f"--hostname={service}-%h-%i",
+        f"--hostname={node_name(service)}",
         f"--loglevel={settings.log_level}",
         "--without-gossip",
         "--without-mingle",
@@ -149,11 +225,13 @@ def _require_distributed(settings: Settings) -> None:
         raise ConfigurationError("workers need KIBAN_MODE=distributed (and KIBAN_BROKER_URL)")
 
 
-def _start_metrics(port: int) -> None:
+def _start_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Serve /metrics on ``host:port`` (``KIBAN_METRICS_HOST``; 0.0.0.0 opens it to the
+    network, as the chart does); port 0 = no metrics."""
     if port:
         from prometheus_client import start_http_server
 
-        start_http_server(port)
+        start_http_server(port, addr=host)
 
 
 def start_beat(settings: Settings) -> None:
@@ -175,6 +253,7 @@ def serve(
     queues: list[str] | None = None,
     concurrency: int = 1,
     metrics_port: int | None = None,
+    interval: float | None = None,
 ) -> None:
     """Read the settings from the environment, open the store and run the worker (blocks)."""
     settings = load_settings()
@@ -187,7 +266,7 @@ def serve(
     open_store(
         settings.resolved_store_uri, settings.s3_endpoint_url, settings.s3_region, create=True
     )
-    start_worker(service, settings, queues, concurrency, metrics_port)
+    start_worker(service, settings, queues, concurrency, metrics_port, interval)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -204,6 +283,16 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not 0 < number <= 3600:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600, got {number}")
     return number
 
 
@@ -235,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--queues",
         type=_queue_list,
         default=None,
-        help="Override the queues, comma-separated, e.g. encode.gpu for a GPU pool.",
+        help="Override the queues, comma-separated, e.g. encode.gpu for a GPU pool "
+        "(exporter: more queues to watch besides the known ones).",
     )
     parser.add_argument(
         "--concurrency",
@@ -249,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Prometheus port (default: the KIBAN_METRICS_PORT setting; 0 = off).",
     )
+    parser.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=None,
+        help="exporter only: seconds between queue samples (default 2).",
+    )
     return parser
 
 
@@ -256,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m kiban.worker`` / ``kiban-worker``: a kiban error is one line and exit 2."""
     args = build_parser().parse_args(argv)
     try:
-        serve(args.service, args.queues, args.concurrency, args.metrics_port)
+        serve(args.service, args.queues, args.concurrency, args.metrics_port, args.interval)
     except KibanError as exc:
         print(f"kiban-worker: error: {redact(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -203,6 +203,7 @@ def test_one_deployment_per_service_with_its_queue(full_objects: list[dict[str, 
         "reporter",
         "trainer",
         "beat",
+        "exporter",
     }
     expected_queue = {
         "ingest": "ingest",
@@ -217,7 +218,7 @@ def test_one_deployment_per_service_with_its_queue(full_objects: list[dict[str, 
         service = deployment["metadata"]["labels"]["kiban.io/service"]
         assert args[:1] == [service], args
         assert args[args.index("--metrics-port") + 1] == "9100"
-        if component == "beat":
+        if component in {"beat", "exporter"}:  # they run no task
             assert "--queues" not in args
             continue
         queues = args[args.index("--queues") + 1].split(",")
@@ -359,7 +360,7 @@ def test_pods_are_locked_down_and_probed(objects: list[dict[str, Any]]) -> None:
             assert box[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, component
         assert box["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
         grace = pod["terminationGracePeriodSeconds"]
-        assert grace >= (60 if component != "beat" else 10), component
+        assert grace >= (10 if component in {"beat", "exporter"} else 60), component
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         assert annotations["prometheus.io/port"] == "9100"
@@ -526,7 +527,12 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     # the panels the dashboard promises
     for metric in (
         "kiban_images_encoded_total",
-        "kiban_encode_images_per_second",
+        "kiban_encode_seconds_total",
+        "kiban_queue_length",
+        "kiban_queue_unacked",
+        "kiban_tasks_total",
+        "kiban_worker_consuming",
+        "kiban_task_last_success_timestamp_seconds",
         "kiban_task_duration_seconds_bucket",
         "kiban_task_failures_total",
         "kiban_images_quarantined_total",
@@ -563,11 +569,32 @@ def test_alerts_use_only_exported_metrics() -> None:
             alerts[rule["alert"]] = rule
     assert set(alerts) == {
         "KibanDeadLettersIncreasing",
+        "KibanQueueWithoutWorkers",
+        "KibanBatchStalled",
         "KibanEncodeStalled",
         "KibanTaskFailureRate",
         "KibanNoNightlyRun",
+        "KibanQueueExporterDown",
         "KibanQualityRegression",
     }
+    # the nightly signal counts successful evaluations only
+    assert 'outcome="success"' in alerts["KibanNoNightlyRun"]["expr"]
+    # encoders down: a live consumer is one whose scrape succeeds
+    assert "up == 1" in alerts["KibanQueueWithoutWorkers"]["expr"]
+
+
+def test_every_alert_has_promtool_tests_that_fire_and_stay_quiet() -> None:
+    """Each shipped alert is unit-tested firing (non-empty exp_alerts) and quiet (empty)."""
+    alerts = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    cases = [
+        case
+        for test in yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+    ]
+    fires = {c["alertname"] for c in cases if c["exp_alerts"]}
+    quiet = {c["alertname"] for c in cases if not c["exp_alerts"]}
+    assert alerts <= fires, f"never shown firing: {sorted(alerts - fires)}"
+    assert alerts <= quiet, f"never shown quiet: {sorted(alerts - quiet)}"
 
 
 def test_quality_metrics_have_bounded_labels() -> None:
@@ -607,7 +634,8 @@ def test_promtool_checks_the_alert_rules() -> None:
         ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    count = sum(len(g["rules"]) for g in yaml.safe_load(ALERTS.read_text())["groups"])
+    assert f"SUCCESS: {count} rules found" in result.stdout
 
 
 @needs_promtool

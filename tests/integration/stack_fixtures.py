@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kiban.settings import Settings, use_settings
-from kiban_cli.stack import LocalStack, find_binary
+from kiban_cli.stack import REDIS_MISSING, LocalStack, find_redis_server
 
 
 @contextlib.contextmanager
@@ -27,8 +27,8 @@ def running_stack(
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[LocalStack]:
     """A started stack with ``workers`` (service, name); everything stops at the end."""
-    if find_binary("redis-server") is None:
-        pytest.skip("redis-server not installed (apt-get install -y redis-server)")
+    if find_redis_server() is None:
+        pytest.skip(REDIS_MISSING)
     stack = LocalStack(home, redis_password=redis_password, extra_env=dict(extra_env or {}))
     stack.start_servers()
     old_env = {k: os.environ.get(k) for k in stack.env}

@@ -16,7 +16,7 @@ from kiban.messages import EncodeChunk
 from kiban.models.registry import fetch_model, load_card
 from kiban.records import read_batch_info, read_chunk_records
 from kiban.shards import ShardMeta, read_meta, write_shard
-from kiban.telemetry import ENCODE_THROUGHPUT, IMAGES_ENCODED
+from kiban.telemetry import init_model_series, record_encoded
 from kiban_encoder.reader import decoded_batches
 from kiban_encoder.session import load_model
 
@@ -106,6 +106,8 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
         card.input_name,
         card.output_name,
     )
+    # the series exist (at 0) from the first chunk on, even for a provider ORT fell back to
+    init_model_series([msg.model], [model.provider], encode=True)
     source = ctx.open_source(info.source)
     t0 = time.perf_counter()
     infer_seconds = 0.0
@@ -154,9 +156,7 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
         device=describe_device(s.device_label, model.provider),
     )
     write_shard(ctx.store, meta, sha256s, keys, vectors)
-    IMAGES_ENCODED.labels(msg.model, model.provider).inc(len(sha256s))
-    if wall > 0:
-        ENCODE_THROUGHPUT.labels(msg.model).set(len(sha256s) / wall)
+    record_encoded(msg.model, model.provider, len(sha256s), wall)
     for key, reason in failures:
         log.warning("chunk %d: %s not encoded: %s", msg.chunk, key, reason)
     return meta

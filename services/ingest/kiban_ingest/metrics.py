@@ -15,7 +15,7 @@ IMAGES_QUARANTINED = Counter(
     "kiban_images_quarantined_total", "Files quarantined by ingest", ["reason"]
 )
 
-_CATEGORIES = (
+CATEGORIES = (
     ("empty file", "empty"),
     ("not an image", "not_image"),
     ("truncated or corrupt", "corrupt"),
@@ -41,7 +41,7 @@ _CATEGORIES = (
 
 def reason_category(reason: str) -> str:
     """Map a quarantine reason to its metric label value."""
-    for prefix, category in _CATEGORIES:
+    for prefix, category in CATEGORIES:
         if reason.startswith(prefix):
             return category
     return "other"

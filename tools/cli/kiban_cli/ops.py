@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -67,23 +73,73 @@ def worker(
 
 
 def _state_file(home: Path) -> Path:
+    """Where `kiban up` records its stack: under the KIBAN_HOME it was started with, which is
+    also the KIBAN_HOME its env file exports, so `kiban down` and `kiban status` find it from
+    the directory `kiban up` ran in and from any shell that sourced the env file."""
     return home / "stack" / "stack.json"
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _stack_running(state: dict[str, Any]) -> bool:
+    from kiban.status import pid_running
+
+    pids = [state.get("supervisor_pid"), *(state.get("pids") or {}).values()]
+    return any(pid_running(pid) for pid in pids)
+
+
+#: How long `kiban up --detach` waits for the stack it started in the background.
+DETACH_WAIT_SECONDS = 180
 
 
 @fails_cleanly
 def up(
     encoders: int = typer.Option(1, min=1, help="Encoder worker processes."),
     beat: bool = typer.Option(False, help="Also start beat (needs KIBAN_SCHEDULE_*)."),
-    detach: bool = typer.Option(False, help="Return after start; stop with `kiban down`."),
+    detach: bool = typer.Option(
+        False, help="Run the supervised stack in the background; stop it with `kiban down`."
+    ),
 ) -> None:
-    """Start redis-server, SeaweedFS and every worker as separate local processes."""
+    """Start redis-server, SeaweedFS and every worker as separate local processes, and keep
+    them running: a process that dies is restarted with backoff (each restart logged)."""
+    settings, _ = settings_and_store()
+    root = settings.home.resolve()
+    state_file = _state_file(root)
+    if state_file.exists():
+        state = _read_state(state_file)
+        if state is not None and _stack_running(state):
+            raise KibanError(
+                f"a stack is already recorded in {root / 'stack'}; run `kiban down` first"
+            )
+        state_file.unlink(missing_ok=True)  # left by a stack that is gone: start afresh
+    if detach:
+        _up_detached(root, encoders, beat)
+        return
+    _up_supervised(settings, root, encoders, beat)
+
+
+def _up_supervised(settings: Any, root: Path, encoders: int, beat: bool) -> None:
+    from kiban.worker import SERVICES
     from kiban_cli.stack import LocalStack
 
-    settings, _ = settings_and_store()
-    home = settings.home.resolve() / "stack"
-    if _state_file(settings.home.resolve()).exists():
-        raise KibanError(f"a stack is already recorded in {home}; run `kiban down` first")
-    stack = LocalStack(home)
+    home = root / "stack"
+    state_file = _state_file(root)
+    env_file = home / "env.sh"
+    stack = LocalStack(home, client_home=root)
+    events_log = home / "logs" / "supervisor.log"
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         stack.start_servers()
         stack.start_worker("ingest")
@@ -92,45 +148,111 @@ def up(
         stack.start_worker("indexer")
         if settings.qdrant_url:
             stack.start_worker("reporter")
+        if "exporter" in SERVICES:  # every queue's depth, for the metrics
+            stack.start_worker("exporter")
         if beat:
             stack.start_worker("beat")
-    except BaseException:
-        stack.stop()
-        raise
-    stack.save_state(_state_file(settings.home.resolve()))
-    env_file = home / "env.sh"
-    env_file.write_text("".join(f"export {k}={v}\n" for k, v in stack.env.items()))
-    env_file.chmod(0o600)  # holds the generated S3 secret: not printed, not world-readable
-    console.print(f"[green]kiban stack up[/] in {shown(home)} (logs in {shown(home / 'logs')})")
-    console.print(f"use it from another shell:  source {shown(env_file)}", highlight=False)
-    if detach:
-        return
-    console.print("Ctrl-C stops everything.")
-    stopping = False
 
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+        def on_event(lines: list[str]) -> None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            with contextlib.suppress(OSError), events_log.open("a") as log:
+                log.writelines(f"{stamp} {line}\n" for line in lines)
+            for line in lines:
+                console.print(f"[yellow]supervisor:[/] {shown(line)}", highlight=False)
+            with contextlib.suppress(OSError):
+                stack.save_state(state_file)
 
-    signal.signal(signal.SIGTERM, _stop)
-    try:
+        stack.supervise(on_event=on_event)
+        stack.save_state(state_file)
+        _write_env_file(env_file, stack.env, stack.state())
+        _print_up(stack.state(), home, env_file, settings.metrics_host)
+        console.print("Ctrl-C (or `kiban down`) stops everything.")
         while not stopping:
-            time.sleep(1)
-            dead = [n for n, p in stack.procs.items() if not p.alive()]
-            if dead:
-                console.print(f"[red]stopped unexpectedly:[/] {shown(', '.join(dead))}")
-                break
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         stack.stop()
-        _state_file(settings.home.resolve()).unlink(missing_ok=True)
+        state_file.unlink(missing_ok=True)
+        env_file.unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, previous)
         console.print("kiban stack stopped")
+
+
+def _up_detached(root: Path, encoders: int, beat: bool) -> None:
+    """The same supervised `kiban up`, as a background process of its own session."""
+    logs = root / "stack" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / "kiban-up.log"
+    argv = [sys.executable, "-m", "kiban_cli.main", "up", "--encoders", str(encoders)]
+    argv += ["--beat"] if beat else []
+    with log_path.open("ab") as log:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "KIBAN_HOME": str(root)},
+        )
+    state_file = _state_file(root)
+    deadline = time.monotonic() + DETACH_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        state = _read_state(state_file) if state_file.exists() else None
+        if state is not None and state.get("supervisor_pid") == child.pid:
+            env_file = root / "stack" / "env.sh"
+            for _ in range(50):  # written right after the record
+                if env_file.exists():
+                    break
+                time.sleep(0.1)
+            _print_up(state, root / "stack", env_file, None)
+            console.print(f"running in the background (pid {child.pid}, log {shown(log_path)})")
+            return
+        if child.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise KibanError(f"kiban up failed: {' | '.join(tail) or 'no output'}")
+        time.sleep(0.3)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child.pid, signal.SIGTERM)
+    raise KibanError(f"the stack did not come up within {DETACH_WAIT_SECONDS}s (log {log_path})")
+
+
+def _metrics_address(host: str | None, port: object) -> str:
+    if not host or host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def _write_env_file(path: Path, env: dict[str, str], state: dict[str, Any]) -> None:
+    """``export`` lines for clients (KIBAN_HOME included: `kiban down` finds the record from
+    it) and each worker's metrics address as a comment."""
+    from kiban_cli.stack import write_private
+
+    lines = ["# written by `kiban up`; `source` it to use the stack, `kiban down` stops it\n"]
+    for name, port in sorted((state.get("metrics_ports") or {}).items()):
+        lines.append(f"# metrics {name} http://{_metrics_address(None, port)}/metrics\n")
+    lines += [f"export {key}={shlex.quote(value)}\n" for key, value in env.items()]
+    write_private(path, "".join(lines))  # holds the generated S3 secret: owner only
+
+
+def _print_up(state: dict[str, Any], home: Path, env_file: Path, metrics_host: str | None) -> None:
+    console.print(f"[green]kiban stack up[/] in {shown(home)} (logs in {shown(home / 'logs')})")
+    table = Table(box=None)
+    for col in ("process", "pid", "metrics"):
+        table.add_column(col)
+    procs = state.get("procs") or {}
+    for name, proc in procs.items():
+        port = proc.get("metrics_port") if isinstance(proc, dict) else None
+        where = _metrics_address(metrics_host, port) if port else "–"
+        table.add_row(shown(name), shown(proc.get("pid", "?")), shown(where))
+    console.print(table)
+    console.print(f"use it from another shell:  source {shown(env_file)}", highlight=False)
 
 
 @fails_cleanly
 def down() -> None:
-    """Stop the stack a detached `kiban up` started."""
+    """Stop the stack `kiban up` started (from its directory, or a shell that sourced its
+    env file): the supervisor first, so nothing is restarted, then every process."""
     from kiban_cli.stack import stop_from_state
 
     settings, _ = settings_and_store()
@@ -142,21 +264,41 @@ def down() -> None:
 def status(
     batch: str | None = typer.Argument(None, help="Batch ID (default: list batches)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    live: bool = typer.Option(
+        False,
+        "--live",
+        help="Only the live view: workers, work in flight, queue depths, batches in progress "
+        "(with --json one object).",
+    ),
 ) -> None:
-    """Progress of a batch per stage and model, failures, quarantine and dead letters.
+    """Workers, work in flight, queues and dead letters, then the batches; or one batch's
+    progress per stage and model, failures, quarantine and dead letters.
 
+    Without a batch: in distributed mode which workers are alive (heartbeats, Celery's ping,
+    and the processes `kiban up` started), what each is running, each queue's depth (all
+    priorities, the dead-letter queue too) and the progress of the batches in flight; then
+    every batch. `--json` prints the batch list (as before); `--live --json` the live view.
     A record that cannot be read (a corrupt batch.json, shard meta or dead letter) is shown as
     "unreadable: <reason>"; the rest of the store is listed all the same."""
     from kiban.status import batch_status, dead_letter_count, list_batches, recent_dead_letters
 
     if batch is not None:
         check_name(batch)
-    _, store = settings_and_store()
+    settings, store = settings_and_store()
     if batch is None:
+        if live:
+            view = _live(settings, store, [])
+            if as_json:
+                print_json(view.model_dump(mode="json"))
+            else:
+                _print_live(view)
+            return
         rows = list_batches(store)
         if as_json:
             print_json(rows)
             return
+        unfinished = [str(r["batch"]) for r in rows if not r.get("unreadable") and not r["reports"]]
+        _print_live(_live(settings, store, unfinished[-3:]))
         columns = ("batch", "created", "accepted", "quarantined", "duplicates", "reports")
         table = Table(title=f"batches in {shown(store.uri)}")
         for col in columns:
@@ -218,6 +360,121 @@ def status(
         console.print(f"  [red]unreadable:[/] {shown(problem)}", highlight=False, soft_wrap=True)
     for letter in recent_dead_letters(store, 5, batch):
         _print_letter(letter)
+
+
+def _live(settings: Any, store: ObjectStore, unfinished: list[str]) -> Any:
+    from kiban.status import live_status
+
+    if settings.mode != "distributed":
+        return live_status(settings)
+    recorded = _read_state(_state_file(settings.home.resolve()))
+    with _bounded_broker_waits():  # the ping must not wait for a broker that went away
+        return live_status(settings, store, recorded, unfinished)
+
+
+_STATE_STYLE = {"alive": "green", "not answering": "yellow", "dead": "red"}
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+
+
+def _work(item: Any) -> str:
+    parts = [f"{k} {item_value}" for k, item_value in
+             (("batch", item.batch), ("model", item.model), ("chunk", item.chunk))
+             if item_value is not None]  # fmt: skip
+    return shown(" ".join(parts) or "–")
+
+
+def _print_live(view: Any) -> None:
+    """The on-call view (``kiban.status.LiveStatus``) for a terminal."""
+    from kiban.liveness import redelivery_bound
+
+    if view.mode != "distributed":
+        console.print(f"{shown(view.mode)} mode: {shown(view.problem)}", highlight=False)
+        return
+    bound = redelivery_bound(view.visibility_timeout or 0)
+    console.print(
+        f"broker {shown(view.broker)}: "
+        + ("[green]reachable[/]" if view.reachable else "[red]unreachable[/]")
+        + f"; a dead worker's task is back on its queue within {bound:.0f}s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if view.problem:
+        console.print(f"  [red]{shown(view.problem)}[/]", highlight=False, soft_wrap=True)
+    counts: dict[str, int] = {}
+    for w in view.workers:
+        counts[w.state] = counts.get(w.state, 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in counts.items()) or "none"
+    table = Table(title=f"workers: {shown(summary)}", title_justify="left")
+    for col in ("worker", "state", "pid", "queues", "metrics", "running", "restarts"):
+        table.add_column(col, overflow="fold")
+    for w in view.workers:
+        style = _STATE_STYLE.get(w.state, "white")
+        state = w.state
+        if w.state == "alive" and not w.answers_ping:
+            state += " (busy)" if w.tasks else " (no ping)"
+        running = "; ".join(f"{shown(t.task)} {_work(t)} {_age(t.seconds)}" for t in w.tasks)
+        restarts = str(w.restarts) if w.restarts else "–"
+        if w.last_exit:
+            restarts += f" (last: {shown(w.last_exit)})"
+        if w.crash_loop:
+            restarts += " [red]crash loop[/]"
+        name = w.name or w.node or "?"
+        if w.name and w.node:
+            name = f"{w.name} ({w.node})"
+        table.add_row(
+            shown(name),
+            f"[{style}]{shown(state)}[/]",
+            shown(w.pid if w.pid is not None else "–"),
+            shown(",".join(w.queues) or "–"),
+            shown(w.metrics or "–"),
+            running or "–",
+            restarts,
+        )
+    console.print(table)
+    if view.processes:
+        console.print(
+            "processes: " + ", ".join(f"{shown(n)} {shown(s)}" for n, s in view.processes.items()),
+            highlight=False,
+        )
+    waiting = [f for f in view.in_flight if f.state != "running"]
+    if waiting:
+        console.print("in flight, not running:", highlight=False)
+        for f in waiting:
+            where = f"held by {shown(f.worker)}" if f.worker else "[red]orphaned[/]"
+            when = (
+                f", back on its queue in {_age(f.redelivery_in)}"
+                if f.redelivery_in is not None
+                else ""
+            )
+            console.print(f"  {shown(f.task)} {_work(f)}: {where}{when}", highlight=False)
+    if view.queues:
+        console.print(
+            "queues: " + ", ".join(f"{shown(q.queue)} {q.waiting}" for q in view.queues),
+            highlight=False,
+        )
+    if view.running_batches:
+        table = Table(title="batches in progress", title_justify="left")
+        for col in ("batch", "model", "encoded", "indexed", "failed chunks"):
+            table.add_column(col, overflow="fold")
+        for b in view.running_batches:
+            for m in b.models or []:
+                table.add_row(
+                    shown(b.batch_id),
+                    shown(m.model),
+                    f"{m.encoded}/{m.chunks}",
+                    f"{m.indexed}/{m.chunks}",
+                    str(m.failed),
+                )
+            if not b.models:
+                table.add_row(shown(b.batch_id), "–", "–", "–", "–")
+        console.print(table)
 
 
 def _print_letter(letter: dict[str, object]) -> None:
