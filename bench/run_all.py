@@ -18,6 +18,7 @@ BENCHES = [
     "bench_distributed.py",
     "bench_decision.py",
     "bench_trainer.py",
+    "bench_variants.py",
 ]
 
 

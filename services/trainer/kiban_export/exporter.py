@@ -42,11 +42,14 @@ def export_model(
     opset: int = 17,
     onnx_options: OnnxOptions | None = None,
     parity_source: str = "synthetic",
+    fuse: bool = False,
 ) -> tuple[ModelCard, Path]:
     """Export ``spec`` to ``workdir/<name>.onnx`` and return its card and path.
 
     ``parity_images`` are any RGB images (at least one); ``parity_source`` says where they
     came from (recorded on the card). ``onnx_options`` is only for ``onnx:PATH`` specs.
+    ``fuse``: for ViT-family encoders, try ONNX Runtime's transformer fusions and keep the
+    fused graph when parity holds and it is not slower (``kiban_export.fusion``).
     """
     if not is_valid_name(name):
         raise ExportError(f"invalid model name {name!r}: use letters, digits, . _ -")
@@ -69,6 +72,15 @@ def export_model(
         )
     else:
         facts = _export_torch(parsed, out_path, opset, parity_images, parity_source)
+    fusion = None
+    if fuse and parsed.source != "onnx":
+        from kiban_export import fusion as fusion_mod
+        from kiban_export.parity import make_crops
+
+        if fusion_mod.is_vit_family(parsed.source, facts["architecture"]):
+            crops = make_crops(parity_images, facts["preprocessing"], minimum=8)
+            fusion = fusion_mod.fuse(out_path, crops)
+            facts["notes"].append(f"graph fusion: {fusion.note or 'applied'}")
     facts["notes"].append(f"export + parity took {time.perf_counter() - started:.1f} s")
     card = ModelCard(
         name=name,
@@ -86,6 +98,7 @@ def export_model(
         sha256=sha256_file(out_path),
         opset=facts["opset"],
         parity=facts["parity"],
+        fusion=fusion,
         exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         exporter=facts["versions"],
         notes=facts["notes"],

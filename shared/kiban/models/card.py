@@ -67,6 +67,54 @@ class TrainingProvenance(BaseModel):
     libraries: dict[str, str] = Field(default_factory=dict, description="Library versions.")
 
 
+class VariantInfo(BaseModel):
+    """A precision variant of a registered model (`kiban models quantize`): what it was made
+    from, how, and what it costs in retrieval agreement with its parent. The paired MV@k
+    difference with its CI comes from a normal report that includes both models."""
+
+    parent: str = Field(description="Registry name of the parent model.")
+    parent_sha256: str
+    precision: Literal["int8", "fp16"]
+    mode: Literal["dynamic", "static-qdq", "fp16"]
+    calibration_batch: str | None = Field(
+        None, description="Batch whose images calibrated a static variant (None: synthetic)."
+    )
+    calibration_sha256: str | None = Field(
+        None, description="sha256 of the calibration images' sorted sha256s, one per line."
+    )
+    calibration_images: int = 0
+    validation_batch: str | None = Field(None, description="Batch of the parity images.")
+    validation_sha256: str | None = None
+    validation_images: int
+    min_cosine: float = Field(description="Worst cosine, variant vs parent embedding.")
+    mean_cosine: float
+    neighbour_k: int
+    neighbour_overlap: float = Field(
+        description="Mean share of each image's top-k neighbours (cosine, self excluded) that "
+        "the variant and its parent agree on."
+    )
+    min_overlap: float = Field(description="Tolerance (KIBAN_VARIANT_MIN_OVERLAP) at publish.")
+    within_tolerance: bool
+    speedup: float = Field(description="ORT img/s of variant ÷ parent, same crops and threads.")
+    images_per_second: dict[str, float] = Field(
+        default_factory=dict, description="Measured ORT img/s per candidate (and 'parent')."
+    )
+    threads: int
+    machine: str = Field(description="CPU model and cores the speed-up was measured on.")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class GraphFusion(BaseModel):
+    """ONNX Runtime transformer optimisations tried at export (ViT-family encoders)."""
+
+    applied: bool = Field(description="True when the stored graph is the fused one.")
+    model_type: str
+    fusions: dict[str, int] = Field(default_factory=dict, description="Fused operator counts.")
+    min_cosine: float | None = Field(None, description="Fused vs unfused graph, parity images.")
+    speedup: float | None = Field(None, description="Fused ÷ unfused ORT img/s (same threads).")
+    note: str = ""
+
+
 class ModelCard(BaseModel):
     schema_version: int = CARD_SCHEMA_VERSION
     name: str
@@ -91,6 +139,12 @@ class ModelCard(BaseModel):
     parity: ParityResult | None = None
     training: TrainingProvenance | None = Field(
         None, description="Set for a specialist trained by kiban (`kiban train`)."
+    )
+    variant: VariantInfo | None = Field(
+        None, description="Set for a precision variant (`kiban models quantize`)."
+    )
+    fusion: GraphFusion | None = Field(
+        None, description="Transformer graph fusion tried at export (ViT family)."
     )
     exported_at: str
     exporter: dict[str, str] = Field(default_factory=dict, description="Library versions.")

@@ -108,6 +108,9 @@ def export(
     allow_parity_failure: bool = typer.Option(
         False, help="Publish even if the ONNX model disagrees with the source model."
     ),
+    fuse: bool = typer.Option(
+        True, help="ViT family: keep ONNX Runtime's fused graph if it holds parity and is faster."
+    ),
 ) -> None:
     """Export an encoder to ONNX (uint8 NHWC in, embedding out), check parity, publish it."""
     from kiban_export import OnnxOptions
@@ -138,6 +141,7 @@ def export(
         opset=opset,
         onnx_options=options,
         allow_parity_failure=allow_parity_failure,
+        fuse=fuse,
     )
     print_json(card.model_dump(mode="json"))
     parity = card.parity
@@ -177,3 +181,63 @@ def show(name: str) -> None:
     check_name(name, "model name")
     _, store = settings_and_store()
     print_json(load_card(store, name).model_dump(mode="json"))
+
+
+@app.command("quantize")
+@fails_cleanly
+def quantize(
+    name: str = typer.Argument(..., help="Registry name of the parent model."),
+    to: str = typer.Option("int8", "--to", help="int8 (CPU) | fp16 (GPU providers)."),
+    new_name: str | None = typer.Option(None, "--name", help="Variant name (default NAME-TO)."),
+    calibration: str | None = typer.Option(
+        None, "--calibration", help="Stored batch whose images calibrate and validate."
+    ),
+    images: int = typer.Option(64, "--images", min=4, help="Calibration + validation images."),
+    mode: str = typer.Option("auto", "--mode", help="auto | dynamic | static (int8)."),
+) -> None:
+    """Publish an int8/fp16 variant: parity, neighbour overlap and speed-up on its card."""
+    from kiban.context import Context
+    from kiban.models.registry import fetch_model
+    from kiban.records import read_batch_info
+    from kiban_export.variants import as_crops, batch_calibration, quantize_model, validation_split
+
+    check_name(name, "model name")
+    variant_name = new_name or f"{name}-{to}"
+    check_name(variant_name, "model name")
+    settings, store = settings_and_store()
+    parent = load_card(store, name)
+    if calibration is not None:
+        check_name(calibration, "batch")
+        source = Context(settings, store).open_source(read_batch_info(store, calibration).source)
+        crops = batch_calibration(store, source, calibration, images, parent.preprocessing)
+    else:
+        from kiban_cli.synthetic import sample_images
+
+        crops = as_crops(sample_images(n=images, seed=0), parent.preprocessing)
+    cal, val = validation_split(crops, len(crops.crops) // 2)
+    with tempfile.TemporaryDirectory(prefix="kiban-quantize-") as tmp:
+        parent_path = fetch_model(store, parent, settings.home / "cache" / "models")
+        with console.status(f"quantizing {shown(name)} to {shown(to)} …"):
+            card, path = quantize_model(
+                parent,
+                parent_path,
+                variant_name,
+                Path(tmp),
+                to,
+                cal,
+                val,
+                mode=mode,
+                min_overlap=settings.variant_min_overlap,
+                threads=settings.threads or None,
+            )
+        publish(store, card, path)
+    print_json(card.model_dump(mode="json"))
+    info = card.variant
+    assert info is not None
+    for warning in info.warnings:
+        console.print(f"[yellow]warning:[/] {shown(warning)}")
+    console.print(
+        f"[green]published[/] {shown(card.name)} ({info.precision} {info.mode} of "
+        f"{shown(info.parent)}): {info.speedup:.2f}× its img/s, top-{info.neighbour_k} "
+        f"neighbour overlap {info.neighbour_overlap:.3f}, min cosine {info.min_cosine:.5f}"
+    )
