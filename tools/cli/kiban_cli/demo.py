@@ -76,9 +76,10 @@ def train_demo_head(settings: Settings, store: ObjectStore, batch_id: str) -> st
     card = run_training(settings, store, msg, timeout=600)
     t = card.training
     if t is not None:
+        split = t.split.split(". Hash rule")[0]  # the rule itself is on the card
         console.print(
             f"trained {DEMO_HEAD_NAME}: head on {DEMO_HEAD_BASE}'s stored embeddings of "
-            f"{t.n_images} training images ({t.split}); loss {t.loss_per_epoch[0]:.3f} → "
+            f"{t.n_images} training images ({split}); loss {t.loss_per_epoch[0]:.3f} → "
             f"{t.loss_per_epoch[-1]:.3f} in {t.epochs} epochs, {t.wall_seconds:.1f} s",
             markup=False,
             highlight=False,
