@@ -1,7 +1,9 @@
 """The reader stage: fetch and decode images in threads while the model runs.
 
 Pillow and boto3 release the GIL, so a small thread pool keeps the inference session
-fed without a second process. Results come back in record order, in batches.
+fed without a second process. A JPEG much larger than the model input is decoded at a
+reduced DCT scale (``kiban.imaging.decode_for_model``), the main cost on
+small CNNs. Results come back in record order, in batches.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kiban.imaging import ImageRejected, decode_image, preprocess
+from kiban.imaging import ImageRejected, decode_for_model
 from kiban.models.card import Preprocessing
 from kiban.records import ImageRecord
 from kiban.store import ObjectStore
@@ -37,7 +39,7 @@ def _load(
     if hashlib.sha256(data).hexdigest() != record.sha256:
         return "source object changed since ingest (sha256 mismatch)"
     try:
-        return preprocess(decode_image(data, max_pixels, min_side), prep)
+        return decode_for_model(data, prep, max_pixels, min_side)  # reduced-size JPEG decode
     except ImageRejected as exc:
         return exc.reason
 

@@ -1,5 +1,9 @@
 """decode_image: every bad input is rejected with its reason, every odd-but-valid one
-becomes 8-bit RGB with the right pixels. All images are generated here, in memory."""
+becomes 8-bit RGB with the right pixels. All images are generated here, in memory.
+
+Every case also checks the cheaper paths against it: ``validate_image`` (ingest: 1/8-scale
+JPEG decode) must reject with the identical reason and report the same size, and
+``decode_for_model`` (encoder: reduced-size JPEG decode) must reject identically."""
 
 from __future__ import annotations
 
@@ -12,7 +16,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kiban.imaging import ImageRejected, decode_image
+from kiban.imaging import (
+    ImageRejected,
+    decode_for_model,
+    decode_image,
+    preprocess,
+    validate_image,
+)
+from kiban.models.card import Preprocessing
+
+PREP = Preprocessing(resize_shorter=256, crop=224, mean=[0.5] * 3, std=[0.5] * 3)
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -39,6 +52,7 @@ def raw_png(width: int, height: int, bit_depth: int, colour_type: int, rows: byt
 
 def rgb(data: bytes, **kwargs: int) -> np.ndarray:
     image = decode_image(data, **kwargs)
+    assert validate_image(data, **kwargs) == image.size
     assert image.mode == "RGB"
     array = np.asarray(image)
     assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
@@ -48,6 +62,10 @@ def rgb(data: bytes, **kwargs: int) -> np.ndarray:
 def reason_of(data: bytes, **kwargs: int) -> str:
     with pytest.raises(ImageRejected) as info:
         decode_image(data, **kwargs)
+    for cheaper in (validate_image, lambda d, **kw: decode_for_model(d, PREP, **kw)):
+        with pytest.raises(ImageRejected) as other:
+            cheaper(data, **kwargs)
+        assert other.value.reason == info.value.reason
     return info.value.reason
 
 
@@ -255,3 +273,139 @@ def test_decoded_image_is_independent_of_input_buffer(photo_jpeg: bytes) -> None
     image = decode_image(bytes(buf))
     buf[:] = b"\x00" * len(buf)
     assert np.asarray(image).std() > 10
+
+
+# --- reduced-size JPEG decoding (encoder) and 1/8-scale validation (ingest) -------------
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth shapes + edges + mild noise: closer to a photo or micrograph than white noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        fx, fy = rng.uniform(2, 12, 2) * 2 * np.pi
+        base[..., c] = 128 + 60 * np.sin(fx * x / width + fy * y / height + c)
+    for _ in range(12):  # hard-edged discs
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, 120)
+        base[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    base += rng.normal(0, 6, base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def jpeg_with(image: Image.Image, orientation: int = 1, **kwargs: object) -> bytes:
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    return encode(image, "JPEG", quality=90, exif=exif.tobytes(), **kwargs)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean absolute difference in grey levels, cosine of the mean-centred pixels)."""
+    fa, fb = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    fa, fb = fa - fa.mean(), fb - fb.mean()
+    return float(np.abs(a.astype(int) - b).mean()), float(
+        fa @ fb / np.linalg.norm(fa) / np.linalg.norm(fb)
+    )
+
+
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("size", [(600, 520), (1023, 769), (2001, 1499)])
+def test_reduced_decode_matches_full_decode(size: tuple[int, int], orientation: int) -> None:
+    """Tolerance: mean |diff| <= 2 grey levels and pixel cosine >= 0.99 (measured on these:
+    <= 1.4 and >= 0.999). In embedding terms (EfficientNet-Lite0, bench/bench_decode.py):
+    cosine >= 0.99 on photo-like images, >= 0.98 worst case on high-frequency synthetic
+    textures. Every EXIF orientation and sizes that are not multiples of the DCT scale
+    are covered: a wrong transpose fails the pixel cosine by a wide margin."""
+    data = jpeg_with(photo_like(*size, seed=orientation), orientation)
+    full = preprocess(decode_image(data), PREP)
+    reduced = decode_for_model(data, PREP)
+    assert reduced.shape == full.shape == (224, 224, 3)
+    mad, cos = agreement(full, reduced)
+    assert mad <= 2.0, (mad, cos)
+    assert cos >= 0.99, (mad, cos)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_reduced_decode_grey_and_cmyk(mode: str) -> None:
+    data = encode(photo_like(1024, 800).convert(mode), "JPEG", quality=90)
+    full = preprocess(decode_image(data), PREP)
+    reduced = decode_for_model(data, PREP)
+    mad, cos = agreement(full, reduced)
+    assert mad <= 2.0 and cos >= 0.99, (mad, cos)
+
+
+def test_reduced_decode_uses_smallest_scale_still_large_enough(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from PIL import JpegImagePlugin
+
+    seen: list[tuple[int, int]] = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):  # type: ignore[no-untyped-def]
+        result = draft(self, mode, size)
+        seen.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    decode_for_model(jpeg_with(photo_like(2100, 1100)), PREP)  # 1100 // 256 = 4 -> 1/4
+    decode_for_model(jpeg_with(photo_like(600, 520)), PREP)  # 520 // 256 = 2 -> 1/2
+    decode_for_model(jpeg_with(photo_like(500, 500)), PREP)  # < 2 x 256: full decode
+    assert seen == [(525, 275), (300, 260)]
+
+
+def test_small_images_and_png_take_the_full_decode_unchanged() -> None:
+    for data in (
+        jpeg_with(photo_like(416, 416)),  # NEU size: 416 < 2 x 256
+        encode(photo_like(1024, 800), "PNG"),
+        encode(photo_like(1024, 800), "TIFF"),
+    ):
+        assert (decode_for_model(data, PREP) == preprocess(decode_image(data), PREP)).all()
+        assert (decode_for_model(data, PREP, draft=False) == decode_for_model(data, PREP)).all()
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_truncated_or_corrupt_large_jpeg_same_reason_everywhere(progressive: bool) -> None:
+    """1/8-scale decoding still entropy-decodes every block: truncation and broken data are
+    caught by validate_image (ingest) exactly as by the full decode, with the same reason."""
+    data = jpeg_with(photo_like(2000, 1500), progressive=progressive)
+    rng = np.random.default_rng(1)
+    cases = [data[: int(len(data) * f)] for f in (0.05, 0.5, 0.95)] + [data[:-2]]
+    for _ in range(6):
+        broken = bytearray(data)
+        at = int(rng.integers(len(data) // 4, len(data) - 100))
+        broken[at : at + 32] = rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
+        cases.append(bytes(broken))
+    truncated = 0
+    for case in cases:
+        try:
+            expected: object = decode_image(case).size
+        except ImageRejected as exc:
+            expected = exc.reason
+            truncated += exc.reason.startswith("truncated or corrupt image data")
+        try:
+            got: object = validate_image(case)
+        except ImageRejected as exc:
+            got = exc.reason
+        assert got == expected
+    assert truncated >= 4  # at least every truncation is caught
+
+
+def test_hostile_corpus_same_verdicts_at_ingest_size() -> None:
+    synthetic = pytest.importorskip("kiban_cli.synthetic")
+    for planted in synthetic.problem_files(size=1024):
+        try:
+            expected: object = decode_image(planted.data).size
+        except ImageRejected as exc:
+            expected = exc.reason
+        try:
+            got: object = validate_image(planted.data)
+        except ImageRejected as exc:
+            got = exc.reason
+        assert got == expected, planted.name
+
+
+def test_validate_reports_oriented_full_size() -> None:
+    data = jpeg_with(photo_like(1200, 700), orientation=6)
+    assert validate_image(data) == decode_image(data).size == (700, 1200)
