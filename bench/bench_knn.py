@@ -4,6 +4,13 @@
     tie rule), counting 2*Nq*Nc*D FLOP, divided by the GFLOP/s of ONE plain numpy matmul of the
     same block shape. The ratio says how much of the BLAS speed the bookkeeping costs;
     target >= 0.6.
+(b) The exact kernel against faiss, what a scientist would reach for instead: faiss
+    ``IndexFlatIP`` (exact inner-product search) with the same leave-one-group-out exclusion
+    done the usual way -- over-fetch, drop same-group hits, re-fetch (with k + the largest
+    group, which cannot run short) for the queries left with fewer than k. Same vectors, same
+    queries, same thread count (``faiss.omp_set_num_threads``); ratio = faiss time / kernel
+    time (target >= 1.0), plus the share of queries whose top-k sets agree. faiss-cpu is a
+    bench-only dependency (``pip install kiban[bench]``); without it the row is skipped.
 (c) Peak memory of a full ``evaluate`` (search + metrics + 1,000 bootstrap resamples) on
     50k and 200k x 1,024 vectors with a query sample, each in a fresh subprocess: ru_maxrss
     delta (after the vectors exist) and tracemalloc peak. All-vs-all at 200k is 8e13 FLOP
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -74,6 +82,80 @@ def bench_efficiency(n_cand: int, n_queries: int, block: int, k: int) -> dict:
         "kernel_s": t_k,
         "kernel_gflops": gf_k,
         "ratio": gf_k / gf_mm,
+    }
+
+
+def _faiss_loo_group(
+    index: object, faiss_mod: object, v: np.ndarray, qrows: np.ndarray, groups: np.ndarray, k: int
+) -> tuple[np.ndarray, int]:
+    """faiss top-k with the query's whole group excluded: over-fetch 2k, filter, re-fetch."""
+    max_group = int(np.bincount(groups).max())
+    q = v[qrows]
+    qg = groups[qrows][:, None]
+    out = np.full((qrows.size, k), -1, dtype=np.int64)
+    todo = np.arange(qrows.size)
+    fetch = 2 * k
+    refetched = 0
+    while todo.size:
+        _, ids = index.search(q[todo], fetch)  # type: ignore[attr-defined]
+        keep = (ids >= 0) & (groups[np.maximum(ids, 0)] != qg[todo])
+        short = keep.sum(axis=1) < k
+        done = todo[~short]
+        if done.size:
+            ok_ids, ok_keep = ids[~short], keep[~short]
+            # the first k kept hits of each row, in faiss's (similarity) order
+            rank = np.cumsum(ok_keep, axis=1)
+            sel = ok_keep & (rank <= k)
+            out[done] = ok_ids[sel].reshape(done.size, k)
+        todo = todo[short]
+        if todo.size:
+            refetched += todo.size
+            fetch = k + max_group  # enough for every query: at most max_group are excluded
+    return out, refetched
+
+
+def bench_faiss(n_cand: int, n_queries: int, block: int, k: int) -> dict:
+    """Exact kernel vs faiss IndexFlatIP, leave-one-group-out, same vectors and threads."""
+    try:
+        import faiss
+    except ImportError:
+        return {"skipped": "faiss not installed (pip install 'kiban[bench]' or faiss-cpu)"}
+    from kiban_reporter.metrics.knn import exact_knn
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    faiss.omp_set_num_threads(int(threads or 1))
+    v, _ = _vectors(n_cand, 0)
+    groups = np.arange(n_cand) // 50  # 50 rows per group, as in (a)
+    qrows = np.sort(np.random.default_rng(1).choice(n_cand, n_queries, replace=False))
+    t_build = time.perf_counter()
+    index = faiss.IndexFlatIP(D)
+    index.add(v)
+    t_build = time.perf_counter() - t_build
+    exact_knn(v, k, qrows[:block], None, groups, block)  # warm-up, both sides
+    _faiss_loo_group(index, faiss, v, qrows[:block], groups, k)
+    t_k = t_f = float("inf")
+    for _ in range(3):  # interleaved, best of each (shared machine)
+        t = time.perf_counter()
+        res = exact_knn(v, k, qrows, None, groups, block)
+        t_k = min(t_k, time.perf_counter() - t)
+        t = time.perf_counter()
+        f_ids, refetched = _faiss_loo_group(index, faiss, v, qrows, groups, k)
+        t_f = min(t_f, time.perf_counter() - t)
+    same = np.sort(res.indices, axis=1) == np.sort(f_ids, axis=1)
+    agree = float(same.all(axis=1).mean())
+    excluded_ok = bool((groups[f_ids] != groups[qrows][:, None]).all())
+    return {
+        "n_cand": n_cand,
+        "n_queries": n_queries,
+        "k": k,
+        "threads": int(threads or 1),
+        "kernel_s": t_k,
+        "faiss_s": t_f,
+        "faiss_add_s": t_build,
+        "refetched": refetched,
+        "ratio": t_f / t_k,
+        "topk_sets_agree": agree,
+        "faiss_exclusion_ok": excluded_ok,
     }
 
 
@@ -140,13 +222,35 @@ def bench_memory(n: int, n_queries: int, block: int, n_boot: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _print_faiss(r: dict) -> None:
+    print(f"(b) exact kernel vs faiss IndexFlatIP, leave-one-group-out, D={D} (target >= 1.0)")
+    if "skipped" in r:
+        print(f"skipped: {r['skipped']}")
+        return
+    print(
+        f"{'Nc':>8} {'Nq':>6} {'k':>3} {'threads':>7} {'kernel s':>9} {'faiss s':>8} "
+        f"{'refetched':>9} {'ratio':>6} {'top-k agree':>11}"
+    )
+    print(
+        f"{r['n_cand']:>8} {r['n_queries']:>6} {r['k']:>3} {r['threads']:>7} "
+        f"{r['kernel_s']:>9.2f} {r['faiss_s']:>8.2f} {r['refetched']:>9} "
+        f"{r['ratio']:>6.2f} {r['topk_sets_agree']:>11.4f}"
+        + ("" if r["faiss_exclusion_ok"] else "  (faiss result includes same-group rows!)")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument("--child", nargs=4, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--faiss-only", action="store_true", help="only (b), the faiss row")
     args = parser.parse_args()
     if args.child:
         _memory_child(*args.child)
+        return
+    fa = bench_faiss(20_000, 2048, 1024, 5) if args.quick else bench_faiss(50_000, 4096, 1024, 5)
+    _print_faiss(fa)
+    if args.faiss_only:
         return
 
     if args.quick:
@@ -167,6 +271,7 @@ def main() -> None:
             f"{r['matmul_gflops']:>12.1f} {r['kernel_gflops']:>12.1f} "
             f"{r['kernel_s']:>9.2f} {r['ratio']:>6.2f}"
         )
+    _print_faiss(fa)
     print(f"\n(c) evaluate() peak memory beyond the vectors, D={D}, query sample, groups of 100")
     print(
         f"{'N':>8} {'Nq':>6} {'block':>6} {'boot':>5} {'vectors MB':>11} {'RSS delta MB':>13} "

@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = [
     "bench_encoder.py",
+    "bench_decode.py",
     "bench_knn.py",
     "bench_qdrant.py",
     "bench_distributed.py",

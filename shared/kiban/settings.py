@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         "(comma-separated); unavailable ones are skipped and the one that ran is recorded.",
     )
     batch_size: int = Field(32, ge=1, le=4096, description="Images per inference call.")
+    gpu_batch_size: int = Field(
+        128,
+        ge=1,
+        le=4096,
+        description="Images per inference call when a GPU provider (CUDA/TensorRT) runs; "
+        "also TensorRT's largest profile shape. The CPU keeps batch_size.",
+    )
     chunk_size: int = Field(
         256, ge=1, le=20_000, description="Images per encode task (one shard each)."
     )

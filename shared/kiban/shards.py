@@ -51,6 +51,12 @@ class ShardMeta(BaseModel):
     device: str | None = Field(
         None, description="KIBAN_DEVICE_LABEL and the CPU or GPU model that ran, e.g. 'cpu (…)'."
     )
+    # Added for issue 11; defaulted so that shards written before still load.
+    session: dict[str, str | int] = Field(
+        default_factory=dict,
+        description="ONNX Runtime session options that ran (optimisation level, intra/inter-op "
+        "threads, spinning, arena, IO binding, TensorRT fp16).",
+    )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from kiban.records import read_batch_info, read_chunk_records
 from kiban.shards import ShardMeta, read_meta, write_shard
 from kiban.telemetry import init_model_series, record_encoded
 from kiban_encoder.reader import decoded_batches
-from kiban_encoder.session import load_model
+from kiban_encoder.session import GPU_PROVIDERS, load_model
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
-
-
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def usable_cores(threads: int) -> int:
@@ -105,7 +102,13 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
         s.threads,
         card.input_name,
         card.output_name,
+        decode_workers=s.decode_workers,
+        gpu_batch_size=s.gpu_batch_size,
+        image_side=card.preprocessing.crop,
+        model_sha256=card.sha256,
+        cache_root=ctx.cache_dir,
     )
+    batch_size = s.gpu_batch_size if model.provider in GPU_PROVIDERS else s.batch_size
     # the series exist (at 0) from the first chunk on, even for a provider ORT fell back to
     init_model_series([msg.model], [model.provider], encode=True)
     source = ctx.open_source(info.source)
@@ -120,7 +123,7 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
         source,
         records,
         card.preprocessing,
-        s.batch_size,
+        batch_size,
         s.decode_workers,
         s.max_image_pixels,
         s.min_image_side,
@@ -148,12 +151,13 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
         embedding_dim=dim,
         provider=model.provider,
         threads=s.threads,
-        batch_size=s.batch_size,
+        batch_size=batch_size,
         wall_seconds=wall,
         inference_seconds=infer_seconds,
         batch_seconds=batch_seconds,
         cores=usable_cores(s.threads),
         device=describe_device(s.device_label, model.provider),
+        session=model.options,
     )
     write_shard(ctx.store, meta, sha256s, keys, vectors)
     record_encoded(msg.model, model.provider, len(sha256s), wall)
