@@ -32,7 +32,7 @@ from kiban.messages import (
 from kiban.models.registry import load_card
 from kiban.records import report_prefix, report_versions
 from kiban.settings import Settings, use_settings
-from kiban.status import BatchStatus, batch_status, letter_batch, read_dead_letter
+from kiban.status import BatchStatus, NewDeadLetters, batch_status, letter_batch
 from kiban.store import ObjectStore, open_store
 from kiban.workflow import dispatch, evaluation_request_id
 
@@ -61,23 +61,17 @@ def dooms_batch(task: str) -> bool:
     return kind is None or not issubclass(kind, ChunkMessage)
 
 
-class DeadLetterWatch:
-    """New batch-level dead letters about one batch, each stored letter read once."""
+class DeadLetterWatch(NewDeadLetters):
+    """New batch-level dead letters about one batch."""
 
     def __init__(self, store: ObjectStore, batch_id: str) -> None:
-        self.store, self.batch_id = store, batch_id
-        self.seen = {info.key for info in store.list("deadletter")}
+        self.batch_id = batch_id
+        super().__init__(store)
 
-    def new_reasons(self) -> list[str]:
-        reasons = []
-        for info in self.store.list("deadletter"):
-            if info.key in self.seen:
-                continue
-            self.seen.add(info.key)
-            letter = read_dead_letter(self.store, info.key)
-            if letter_batch(letter) == self.batch_id and dooms_batch(str(letter.get("task"))):
-                reasons.append(f"{letter['task']}: {letter['reason']}")
-        return reasons
+    def reason(self, letter: dict[str, Any]) -> str | None:
+        if letter_batch(letter) == self.batch_id and dooms_batch(str(letter.get("task"))):
+            return f"{letter['task']}: {letter['reason']}"
+        return None
 
 
 def run_batch(

@@ -106,6 +106,29 @@ def read_dead_letter(store: ObjectStore, key: str) -> dict[str, Any]:
     return letter
 
 
+class NewDeadLetters:
+    """Dead letters stored under ``prefix`` since this watch began, each read once; ``reason``
+    says which concern the watcher (its line) and which do not (None)."""
+
+    def __init__(self, store: ObjectStore, prefix: str = "deadletter") -> None:
+        self.store, self.prefix = store, prefix
+        self.seen = {info.key for info in store.list(prefix)}
+
+    def reason(self, letter: dict[str, Any]) -> str | None:
+        raise NotImplementedError
+
+    def new_reasons(self) -> list[str]:
+        reasons = []
+        for info in self.store.list(self.prefix):
+            if info.key in self.seen:
+                continue
+            self.seen.add(info.key)
+            reason = self.reason(read_dead_letter(self.store, info.key))
+            if reason is not None:
+                reasons.append(reason)
+        return reasons
+
+
 def dead_letter_count(store: ObjectStore, batch_id: str | None = None) -> int:
     if batch_id is None:
         return _count(store, "deadletter")

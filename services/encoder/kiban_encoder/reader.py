@@ -2,13 +2,12 @@
 
 Pillow and boto3 release the GIL, so a small thread pool keeps the inference session
 fed without a second process. A JPEG much larger than the model input is decoded at a
-reduced DCT scale (``kiban.imaging.decode_for_model``), the main cost on
+reduced DCT scale (``kiban.source_image.load_for_model``), the main cost on
 small CNNs. Results come back in record order, in batches.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kiban.imaging import ImageRejected, decode_for_model
 from kiban.models.card import Preprocessing
 from kiban.records import ImageRecord
+from kiban.source_image import load_for_model
 from kiban.store import ObjectStore
 
 
@@ -27,21 +26,6 @@ class DecodedBatch:
     records: list[ImageRecord]
     pixels: np.ndarray  # uint8 [n, S, S, 3]
     failures: list[tuple[str, str]]  # (key, reason) of records that could not be used
-
-
-def _load(
-    source: ObjectStore, record: ImageRecord, prep: Preprocessing, max_pixels: int, min_side: int
-) -> np.ndarray | str:
-    try:
-        data = source.get(record.key)
-    except Exception as exc:  # noqa: BLE001 - any store error becomes a recorded failure
-        return f"cannot read from source: {exc}"
-    if hashlib.sha256(data).hexdigest() != record.sha256:
-        return "source object changed since ingest (sha256 mismatch)"
-    try:
-        return decode_for_model(data, prep, max_pixels, min_side)  # reduced-size JPEG decode
-    except ImageRejected as exc:
-        return exc.reason
 
 
 def decoded_batches(
@@ -64,7 +48,10 @@ def decoded_batches(
                 rec = next(it, None)
                 if rec is None:
                     return
-                pending.append((rec, pool.submit(_load, source, rec, prep, max_pixels, min_side)))
+                fut = pool.submit(
+                    load_for_model, source, rec.key, rec.sha256, prep, max_pixels, min_side
+                )
+                pending.append((rec, fut))
 
         fill()
         while pending:

@@ -12,7 +12,6 @@ the CPU path is unchanged by them.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import threading
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from kiban.models.registry import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -228,14 +229,6 @@ def usable_providers(wanted: list[str]) -> list[str]:
     return chosen
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_model(
     path: Path,
     providers: list[str],
@@ -278,7 +271,7 @@ def load_model(
         usable = usable_providers(providers)
         trt = None
         if "TensorrtExecutionProvider" in usable and image_side and cache_root is not None:
-            digest = model_sha256 or _file_sha256(path)
+            digest = model_sha256 or sha256_file(path)
             cache = trt_cache_dir(cache_root, digest)
             cache.mkdir(parents=True, exist_ok=True)
             trt = trt_provider_options(cache, input_name, gpu_batch_size, image_side, fp16)

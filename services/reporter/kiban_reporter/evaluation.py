@@ -25,7 +25,6 @@ from kiban.models.registry import load_card
 from kiban.progress import ChunkFailure, read_failures
 from kiban.records import (
     BatchInfo,
-    ImageRecord,
     QuarantineEntry,
     latest_report_version,
     read_batch_info,
@@ -118,12 +117,14 @@ def resolve_history(
     return infos, discovered, warnings
 
 
-def _load_rows(
-    ctx: Context, info: BatchInfo, records: list[ImageRecord], models: list[str]
-) -> tuple[list[EvalRow], dict[str, np.ndarray], int]:
-    """A batch's stored embeddings for every model, restricted to images all models encoded."""
+def _load_batch(
+    ctx: Context, info: BatchInfo, models: list[str]
+) -> tuple[dict[str, BatchEmbeddings], BatchRows, int]:
+    """A batch's stored embeddings per model, and the rows every model encoded."""
+    records = read_records(ctx.store, info.batch_id)
     per_model = {m: load_batch_embeddings(ctx.store, info, records, m) for m in models}
-    return _common_rows(info.batch_id, per_model)
+    rows, vectors, n_left_out = _common_rows(info.batch_id, per_model)
+    return per_model, BatchRows(info.batch_id, rows, vectors), n_left_out
 
 
 def _common_rows(
@@ -191,20 +192,6 @@ class Comparisons:
     warnings: list[str] = field(default_factory=list)
 
 
-def _load_current_batch(
-    ctx: Context, msg: EvaluateBatch, info: BatchInfo
-) -> tuple[dict[str, BatchEmbeddings], BatchRows, int]:
-    """This batch's embeddings per model, and the rows every model encoded.
-
-    Unlike ``_load_rows`` the full embeddings are kept: the report states each model's own
-    encode count, failures and cost, not just those of the common rows.
-    """
-    records = read_records(ctx.store, msg.batch_id)
-    current = {m: load_batch_embeddings(ctx.store, info, records, m) for m in msg.models}
-    rows, vectors, n_left_out = _common_rows(msg.batch_id, current)
-    return current, BatchRows(msg.batch_id, rows, vectors), n_left_out
-
-
 def _load_history(
     ctx: Context, msg: EvaluateBatch, info: BatchInfo
 ) -> tuple[list[BatchRows], bool, list[str]]:
@@ -215,14 +202,13 @@ def _load_history(
     infos, discovered, warnings = resolve_history(ctx, msg, info)
     parts: list[BatchRows] = []
     for other in infos:
-        records = read_records(ctx.store, other.batch_id)
-        rows, vectors, n_left_out = _load_rows(ctx, other, records, msg.models)
+        _, part, n_left_out = _load_batch(ctx, other, msg.models)
         if n_left_out:
             warnings.append(
                 f"cross-batch: {n_left_out} images of {other.batch_id} are not encoded by every "
                 "model; left out"
             )
-        parts.append(BatchRows(other.batch_id, rows, vectors))
+        parts.append(part)
     return parts, discovered, warnings
 
 
@@ -255,7 +241,9 @@ def load_evaluation_rows(
     Images some model did not encode are left out (and warned), so that every model is scored
     on exactly the same images.
     """
-    current, part, n_left_out = _load_current_batch(ctx, msg, info)
+    # The full embeddings are kept: the report states each model's own encode count,
+    # failures and cost, not just those of the common rows.
+    current, part, n_left_out = _load_batch(ctx, info, msg.models)
     warnings: list[str] = []
     if n_left_out:
         warnings.append(

@@ -713,7 +713,7 @@ def _protocol(report: Report) -> list[str]:
         f"{p.n_images} images evaluated, {p.n_queries} queries, {p.n_candidates} candidates"
         + (f"; {p.n_left_out} images not encoded by every model left out" if p.n_left_out else ""),
         f"k = {', '.join(str(k) for k in p.ks)} (headline MV@{p.headline_k}); "
-        f"{int(round(p.confidence * 100))}% bootstrap intervals, {p.bootstrap_resamples} "
+        f"{round(p.confidence * 100)}% bootstrap intervals, {p.bootstrap_resamples} "
         f"resamples, seed {p.seed}",
         f"tie rule: {p.ordering}",
     ]

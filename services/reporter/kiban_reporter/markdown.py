@@ -191,7 +191,7 @@ def _protocol_section(report: Report) -> list[str]:
         f"- {p.n_images} images evaluated, {p.n_queries} queries, {p.n_candidates} candidates"
         + (f"; {p.n_left_out} images not encoded by every model left out" if p.n_left_out else ""),
         f"- k = {', '.join(str(k) for k in p.ks)} (headline MV@{p.headline_k}); "
-        f"{int(p.confidence * 100)}% bootstrap intervals, {p.bootstrap_resamples} resamples, "
+        f"{round(p.confidence * 100)}% bootstrap intervals, {p.bootstrap_resamples} resamples, "
         f"seed {p.seed}",
         f"- tie rule: {_t(p.ordering)}",
     ]
@@ -480,7 +480,7 @@ def render_markdown(report: Report) -> str:
         f"{b.n_accepted} images accepted from {_c(b.source)} ({b.n_quarantined} quarantined, "
         f"{b.n_duplicates} duplicates recorded once); labels from {_t(b.label_source)}; "
         f"{len(b.classes)} classes. Protocol: **{_t(p.name)}**, exact search, "
-        f"{int(p.confidence * 100)}% bootstrap CIs ({p.bootstrap_resamples} resamples, "
+        f"{round(p.confidence * 100)}% bootstrap CIs ({p.bootstrap_resamples} resamples, "
         f"seed {p.seed}). Created {_t(report.created_at)}.",
         "",
         *_protocol_section(report),

@@ -201,11 +201,8 @@ def _stored_point(report: _StoredReport, model: str, k: int) -> TrendPoint | Non
 
 
 def _tonight_point(report: Report, section: ModelSection, k: int) -> TrendPoint:
-    est = Estimate(value=None, n=0)
-    if section.retrieval is not None:
-        for m in section.retrieval.metrics:
-            if m.k == k:
-                est = m.mv_macro_f1
+    km = _k_metrics(section, k)
+    est = km.mv_macro_f1 if km is not None else Estimate(value=None, n=0)
     return TrendPoint(
         batch_id=report.batch_id,
         report_version=report.version,

@@ -7,7 +7,6 @@ not raised, so the CLI can decide; real errors raise ExportError subclasses.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,20 +16,15 @@ from PIL import Image
 
 from kiban.messages import is_valid_name
 from kiban.models.card import ModelCard, ParityResult, Preprocessing
+from kiban.models.registry import sha256_file
 from kiban_export.errors import ExportError
 from kiban_export.macs import count_macs
 from kiban_export.options import OnnxOptions
 from kiban_export.spec import ExportSpec, parse_spec
 
+__all__ = ["FAMILIES", "export_model", "sha256_file"]
+
 FAMILIES = ("foundation", "domain")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_model(

@@ -225,7 +225,8 @@ def quantize_model(
     """Build the variant in ``workdir``; return its card and ONNX path (publishing is the
     caller's). ``calibration`` feeds static quantisation; ``validation`` the parity and the
     speed measurement (the same crops for every graph)."""
-    from kiban_export.exporter import _versions, sha256_file
+    from kiban.models.registry import sha256_file
+    from kiban_export.exporter import _versions
 
     if not is_valid_name(name):
         raise ExportError(f"invalid model name {name!r}: use letters, digits, . _ -")

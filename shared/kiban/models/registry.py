@@ -17,6 +17,15 @@ from kiban.models.card import ModelCard
 from kiban.store import ObjectStore
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (a model file need not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def model_key(name: str) -> str:
     return f"models/{name}/model.onnx"
 

@@ -8,6 +8,7 @@ from itertools import combinations
 
 import numpy as np
 
+from kiban.models.card import ModelCard, Preprocessing
 from kiban.progress import ChunkFailure
 from kiban_reporter.ann_check import AnnCheck
 from kiban_reporter.cost import CostSummary
@@ -38,6 +39,26 @@ HOSTILE = [
     "日本語-ünïcødé-🙂",
     "ctl\x01\x7f-char",
 ]
+
+
+def card(dim: int = 512) -> ModelCard:
+    """A minimal model card for the cost arithmetic: only ``embedding_dim`` varies."""
+    return ModelCard(
+        name="m",
+        family="domain",
+        source="x",
+        architecture="x",
+        weights="none",
+        pretrained=False,
+        input_size=224,
+        preprocessing=Preprocessing(resize_shorter=224, crop=224, mean=[0.5] * 3, std=[0.5] * 3),
+        embedding_dim=dim,
+        params=10,
+        file_size=100,
+        sha256="0" * 64,
+        opset=17,
+        exported_at="2026-11-28T00:00:00Z",
+    )
 
 
 def build_report(

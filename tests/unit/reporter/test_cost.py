@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from report_factory import card
 
-from kiban.models.card import ModelCard, Preprocessing
 from kiban.records import ImageRecord
 from kiban.shards import ShardMeta
 from kiban_cli.report_view import project
@@ -24,25 +24,6 @@ from kiban_reporter.cost import (
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-
-
-def _card(dim: int = 512) -> ModelCard:
-    return ModelCard(
-        name="m",
-        family="domain",
-        source="x",
-        architecture="x",
-        weights="none",
-        pretrained=False,
-        input_size=224,
-        preprocessing=Preprocessing(resize_shorter=224, crop=224, mean=[0.5] * 3, std=[0.5] * 3),
-        embedding_dim=dim,
-        params=10,
-        file_size=100,
-        sha256="0" * 64,
-        opset=17,
-        exported_at="2026-11-28T00:00:00Z",
-    )
 
 
 def _meta(
@@ -73,27 +54,27 @@ def _meta(
 
 
 def test_p50_batch_latency_is_the_median_over_every_call_of_every_shard() -> None:
-    cost = summarise_cost([_meta(calls=[0.1, 0.3, 0.2]), _meta(calls=[0.5])], _card(), None, "USD")
+    cost = summarise_cost([_meta(calls=[0.1, 0.3, 0.2]), _meta(calls=[0.5])], card(), None, "USD")
     assert cost.p50_batch_seconds == pytest.approx(0.25)
-    assert summarise_cost([_meta()], _card(), None, "USD").p50_batch_seconds is None
+    assert summarise_cost([_meta()], card(), None, "USD").p50_batch_seconds is None
 
 
 def test_device_seconds_are_core_seconds_on_cpu_and_gpu_seconds_on_gpu() -> None:
     cpu = summarise_cost(
-        [_meta(n=300, wall=10, cores=4), _meta(n=100, wall=10, cores=4)], _card(), None, "USD"
+        [_meta(n=300, wall=10, cores=4), _meta(n=100, wall=10, cores=4)], card(), None, "USD"
     )
     assert cpu.seconds_per_1k == pytest.approx(50.0)
     assert cpu.device_seconds_per_1k == pytest.approx(200.0)  # 20 s × 4 cores / 400 images
     assert cpu.device_seconds_unit == "core-seconds" and cpu.cores == 4
-    gpu = summarise_cost([_meta(n=400, wall=2, provider=CUDA, cores=16)], _card(), None, "USD")
+    gpu = summarise_cost([_meta(n=400, wall=2, provider=CUDA, cores=16)], card(), None, "USD")
     assert gpu.device_seconds_per_1k == pytest.approx(5.0)  # wall only
     assert gpu.device_seconds_unit == "gpu-seconds"
 
 
 def test_device_seconds_unknown_for_old_shards_and_mixed_units() -> None:
-    old = summarise_cost([_meta(cores=None)], _card(), None, "USD")
+    old = summarise_cost([_meta(cores=None)], card(), None, "USD")
     assert old.device_seconds_per_1k is None and old.cores is None
-    both = summarise_cost([_meta(), _meta(provider=CUDA, device="gpu (H200)")], _card(), None, "")
+    both = summarise_cost([_meta(), _meta(provider=CUDA, device="gpu (H200)")], card(), None, "")
     assert both.device_seconds_per_1k is None
     assert both.mixed_devices
 
@@ -126,13 +107,13 @@ def test_storage_per_million_formula() -> None:
     payload = payload_bytes(records, "night-1", "s3://x/y")
     assert payload == pytest.approx(sum(sizes) / 2)
     assert payload_bytes([], "b", "s") is None
-    cost = summarise_cost([_meta()], _card(256), None, "USD", payload=payload)
+    cost = summarise_cost([_meta()], card(256), None, "USD", payload=payload)
     assert cost.storage_bytes_per_million == storage_per_million(256, sum(sizes) / 2)
-    assert summarise_cost([_meta()], _card(), None, "USD").storage_bytes_per_million is None
+    assert summarise_cost([_meta()], card(), None, "USD").storage_bytes_per_million is None
 
 
 def test_projection_arithmetic() -> None:
-    cost = summarise_cost([_meta(n=400, wall=20, cores=4)], _card(), 3.6, "EUR", volume=1_000_000)
+    cost = summarise_cost([_meta(n=400, wall=20, cores=4)], card(), 3.6, "EUR", volume=1_000_000)
     pr = cost.projection
     assert pr is not None and pr.volume_images_per_night == 1_000_000
     assert pr.hours_per_night == pytest.approx(1_000_000 * 50 / 1000 / 3600)  # 13.9 h
@@ -143,11 +124,11 @@ def test_projection_arithmetic() -> None:
     free = project_cost(10, 50.0, None, None, "USD")
     assert free.price_per_night is None and free.price_per_month is None
     assert free.device_hours_per_night is None
-    assert summarise_cost([_meta()], _card(), None, "USD").projection is None
+    assert summarise_cost([_meta()], card(), None, "USD").projection is None
 
 
 def test_cli_recomputes_the_same_projection_from_the_stored_json() -> None:
-    cost = summarise_cost([_meta(n=400, wall=20)], _card(), 2.0, "USD", volume=5000)
+    cost = summarise_cost([_meta(n=400, wall=20)], card(), 2.0, "USD", volume=5000)
     stored = json.loads(cost.model_dump_json())
     assert project(stored, 5000) == stored["projection"]
     again = project(stored, 10_000)
@@ -156,21 +137,21 @@ def test_cli_recomputes_the_same_projection_from_the_stored_json() -> None:
 
 def test_device_comes_from_the_shards_and_a_mix_is_flagged() -> None:
     one = summarise_cost(
-        [_meta(device="gpu-box (EPYC)"), _meta(device="gpu-box (EPYC)")], _card(), None, ""
+        [_meta(device="gpu-box (EPYC)"), _meta(device="gpu-box (EPYC)")], card(), None, ""
     )
     assert one.device == "gpu-box (EPYC)" and one.devices == ["gpu-box (EPYC)"]
     assert not one.mixed_devices and cost_warnings("m", one) == []
-    mixed = summarise_cost([_meta(device="a (X)"), _meta(device="b (Y)")], _card(), None, "")
+    mixed = summarise_cost([_meta(device="a (X)"), _meta(device="b (Y)")], card(), None, "")
     assert mixed.mixed_devices and mixed.devices == ["a (X)", "b (Y)"]
     (warning,) = cost_warnings("m", mixed)
     assert "a (X)" in warning and "b (Y)" in warning and warning.startswith("m:")
-    providers = summarise_cost([_meta(), _meta(provider=CUDA)], _card(), None, "")
+    providers = summarise_cost([_meta(), _meta(provider=CUDA)], card(), None, "")
     assert providers.mixed_devices  # same device label, different provider
     assert not cost_comparable(one, mixed)
-    assert cost_comparable(one, summarise_cost([_meta(device="gpu-box (EPYC)")], _card(), None, ""))
-    other = summarise_cost([_meta(device="c (Z)")], _card(), None, "")
+    assert cost_comparable(one, summarise_cost([_meta(device="gpu-box (EPYC)")], card(), None, ""))
+    other = summarise_cost([_meta(device="c (Z)")], card(), None, "")
     assert not cost_comparable(one, other)
-    unknown = summarise_cost([_meta(device=None)], _card(), None, "")
+    unknown = summarise_cost([_meta(device=None)], card(), None, "")
     assert unknown.devices == [UNKNOWN_DEVICE] and not cost_comparable(unknown, unknown)
 
 
@@ -191,7 +172,7 @@ def test_old_shard_meta_without_the_new_fields_loads() -> None:
     }
     meta = ShardMeta.model_validate_json(json.dumps(old))
     assert meta.batch_seconds == [] and meta.cores is None and meta.device is None
-    cost = summarise_cost([meta], _card(8), None, "USD")
+    cost = summarise_cost([meta], card(8), None, "USD")
     assert cost.seconds_per_1k == pytest.approx(100.0) and cost.device_seconds_per_1k is None
 
 

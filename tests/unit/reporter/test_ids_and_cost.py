@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from report_factory import card
 
-from kiban.models.card import ModelCard, Preprocessing
 from kiban.pipeline import default_batch_id
 from kiban.shards import ShardMeta
 from kiban.vectors import point_id
@@ -26,25 +26,6 @@ def test_default_batch_id_depends_on_source_and_manifest_only() -> None:
     assert a == default_batch_id("s3://bucket/night/2026-11-28/", None)
     assert a.startswith("2026-11-28-")
     assert a != default_batch_id("s3://bucket/night/2026-11-28/", "s3://bucket/m.csv")
-
-
-def _card(dim: int = 512) -> ModelCard:
-    return ModelCard(
-        name="m",
-        family="domain",
-        source="x",
-        architecture="x",
-        weights="none",
-        pretrained=False,
-        input_size=224,
-        preprocessing=Preprocessing(resize_shorter=224, crop=224, mean=[0.5] * 3, std=[0.5] * 3),
-        embedding_dim=dim,
-        params=10,
-        file_size=100,
-        sha256="0" * 64,
-        opset=17,
-        exported_at="2026-11-28T00:00:00Z",
-    )
 
 
 def _meta(**timing: float | int | str) -> ShardMeta:
@@ -78,7 +59,7 @@ def test_cost_per_thousand_images() -> None:
             batch_size=32,
         ),
     ]
-    cost = summarise_cost(timings, _card(512), price_per_hour=3.6, currency="EUR")
+    cost = summarise_cost(timings, card(512), price_per_hour=3.6, currency="EUR")
     assert cost.images == 400
     assert cost.encode_images_per_second == pytest.approx(20.0)
     assert cost.inference_images_per_second == pytest.approx(40.0)
@@ -90,5 +71,5 @@ def test_cost_per_thousand_images() -> None:
 
 
 def test_cost_without_price_or_images_is_none_not_nan() -> None:
-    cost = summarise_cost([], _card(), price_per_hour=None, currency="USD")
+    cost = summarise_cost([], card(), price_per_hour=None, currency="USD")
     assert cost.encode_images_per_second is None and cost.cost_per_1k is None

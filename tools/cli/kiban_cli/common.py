@@ -15,13 +15,14 @@ Two rules hold for every command:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import typer
@@ -273,3 +274,51 @@ def settings_and_store() -> tuple[Settings, ObjectStore]:
         settings.resolved_store_uri, settings.s3_endpoint_url, settings.s3_region, create=True
     )
     return settings, store
+
+
+#: A command line sending one message waits this long for the broker, then says so.
+BROKER_WAIT_SECONDS = 5
+
+
+@contextlib.contextmanager
+def bounded_broker_waits() -> Iterator[None]:
+    """A person at the terminal gets an answer in seconds: connecting, reading and re-trying
+    the publish are bounded while this command sends (workers keep Celery's patient
+    defaults); afterwards the settings are restored and those connections dropped."""
+    from kiban.celery_app import app
+
+    keys = (
+        "broker_transport_options",
+        "broker_connection_timeout",
+        "broker_connection_max_retries",
+        "task_publish_retry_policy",
+    )
+    saved = {key: app.conf.get(key) for key in keys}
+    options = dict(saved["broker_transport_options"] or {})
+    options.update(
+        socket_connect_timeout=BROKER_WAIT_SECONDS,
+        socket_timeout=2 * BROKER_WAIT_SECONDS,
+        max_retries=1,
+    )
+    app.conf.update(
+        broker_transport_options=options,
+        broker_connection_timeout=BROKER_WAIT_SECONDS,
+        broker_connection_max_retries=1,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+    )
+    try:
+        yield
+    finally:
+        app.conf.update(saved)
+        pool = getattr(app, "_pool", None)  # connections made with the short waits
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.force_close_all()
+            app._pool = None
+        if getattr(app.amqp, "_producer_pool", None) is not None:
+            app.amqp._producer_pool = None

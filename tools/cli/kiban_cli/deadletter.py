@@ -37,6 +37,8 @@ from kiban.tasks import DEAD_LETTER_QUEUE
 from kiban.telemetry import redact
 from kiban.text import printable
 from kiban_cli.common import (
+    BROKER_WAIT_SECONDS,
+    bounded_broker_waits,
     console,
     fails_cleanly,
     json_text,
@@ -50,7 +52,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-BROKER_WAIT_SECONDS = 5
 _QUEUE_PAGE = 500
 
 
@@ -276,24 +277,6 @@ def replayable(letter: Letter) -> Message:
         raise KibanError(f"{name} does not hold a valid message: {exc}") from None
 
 
-def _bound_broker_waits() -> None:
-    """A person at the terminal gets an answer in seconds, not Celery's patient retries."""
-    from kiban.celery_app import app as celery_app
-
-    options = dict(celery_app.conf.broker_transport_options or {})
-    options.update(
-        socket_connect_timeout=BROKER_WAIT_SECONDS,
-        socket_timeout=2 * BROKER_WAIT_SECONDS,
-        max_retries=1,
-    )
-    celery_app.conf.update(
-        broker_transport_options=options,
-        broker_connection_timeout=BROKER_WAIT_SECONDS,
-        broker_connection_max_retries=1,
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
-    )
-
-
 def _send(message: Message, settings: Settings) -> None:
     """The normal dispatch path: the broker, or the in-process queue (run until empty)."""
     from kiban.celery_app import configure, load_service_tasks
@@ -304,9 +287,9 @@ def _send(message: Message, settings: Settings) -> None:
         load_service_tasks()
         dispatch(message, settings)
         return
-    _bound_broker_waits()
     try:
-        dispatch(message, settings)
+        with bounded_broker_waits():
+            dispatch(message, settings)
     except Exception as exc:  # unreachable, wrong password: one line
         raise KibanError(f"broker {redact(settings.broker_url)}: {exc}") from None
 

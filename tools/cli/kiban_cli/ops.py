@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from kiban.messages import (
 )
 from kiban.store import ObjectStore
 from kiban_cli.common import (
+    bounded_broker_waits,
     check_name,
     console,
     describe,
@@ -368,7 +368,7 @@ def _live(settings: Any, store: ObjectStore, unfinished: list[str]) -> Any:
     if settings.mode != "distributed":
         return live_status(settings)
     recorded = _read_state(_state_file(settings.home.resolve()))
-    with _bounded_broker_waits():  # the ping must not wait for a broker that went away
+    with bounded_broker_waits():  # the ping must not wait for a broker that went away
         return live_status(settings, store, recorded, unfinished)
 
 
@@ -495,7 +495,7 @@ def _send(message: Message) -> None:
         _fail_if_dead_lettered(store, before, message)
     else:
         try:
-            with _bounded_broker_waits():
+            with bounded_broker_waits():
                 dispatch(message, settings)
         except Exception as exc:  # unreachable, wrong password, not Redis: one line
             raise KibanError(f"broker {settings.broker_url}: {describe(exc)}") from None
@@ -521,54 +521,6 @@ def _fail_if_dead_lettered(store: ObjectStore, before: set[str], message: Messag
         more = f" (and {len(failed) - 1} more dead letters)" if len(failed) > 1 else ""
         kind = getattr(message, "kind", type(message).__name__)
         raise KibanError(f"{kind} failed: {first.get('task')}: {first.get('reason')}{more}")
-
-
-#: A command line sending one message waits this long for the broker, then says so.
-BROKER_WAIT_SECONDS = 5
-
-
-@contextlib.contextmanager
-def _bounded_broker_waits() -> Iterator[None]:
-    """A person at the terminal gets an answer in seconds: connecting, reading and re-trying
-    the publish are bounded while this command sends (workers keep Celery's patient
-    defaults); afterwards the settings are restored and those connections dropped."""
-    from kiban.celery_app import app
-
-    keys = (
-        "broker_transport_options",
-        "broker_connection_timeout",
-        "broker_connection_max_retries",
-        "task_publish_retry_policy",
-    )
-    saved = {key: app.conf.get(key) for key in keys}
-    options = dict(saved["broker_transport_options"] or {})
-    options.update(
-        socket_connect_timeout=BROKER_WAIT_SECONDS,
-        socket_timeout=2 * BROKER_WAIT_SECONDS,
-        max_retries=1,
-    )
-    app.conf.update(
-        broker_transport_options=options,
-        broker_connection_timeout=BROKER_WAIT_SECONDS,
-        broker_connection_max_retries=1,
-        task_publish_retry_policy={
-            "max_retries": 2,
-            "interval_start": 0,
-            "interval_step": 0.5,
-            "interval_max": 1,
-        },
-    )
-    try:
-        yield
-    finally:
-        app.conf.update(saved)
-        pool = getattr(app, "_pool", None)  # connections made with the short waits
-        if pool is not None:
-            with contextlib.suppress(Exception):
-                pool.force_close_all()
-            app._pool = None
-        if getattr(app.amqp, "_producer_pool", None) is not None:
-            app.amqp._producer_pool = None
 
 
 def _models(models: str) -> list[str]:

@@ -22,6 +22,7 @@ from kiban.messages import TrainSpecialist
 from kiban.models.card import ModelCard
 from kiban.models.registry import load_card, training_set_key
 from kiban.settings import Settings
+from kiban.status import NewDeadLetters
 from kiban.store import ObjectStore
 from kiban_cli.common import console, fails_cleanly, settings_and_store
 
@@ -62,27 +63,18 @@ def matching_card(store: ObjectStore, msg: TrainSpecialist) -> ModelCard | None:
     return card if same else None
 
 
-class TrainLetters:
+class TrainLetters(NewDeadLetters):
     """Dead letters of this request's training task, each stored letter read once."""
 
     def __init__(self, store: ObjectStore, msg: TrainSpecialist) -> None:
-        self.store, self.msg = store, msg
-        self.prefix = f"deadletter/{TrainSpecialist.task}"
-        self.seen = {info.key for info in store.list(self.prefix)}
+        self.msg = msg
+        super().__init__(store, f"deadletter/{TrainSpecialist.task}")
 
-    def new_reasons(self) -> list[str]:
-        from kiban.status import read_dead_letter
-
-        reasons = []
-        for info in self.store.list(self.prefix):
-            if info.key in self.seen:
-                continue
-            self.seen.add(info.key)
-            letter = read_dead_letter(self.store, info.key)
-            payload = letter.get("payload")
-            if isinstance(payload, dict) and payload.get("request_id") == self.msg.request_id:
-                reasons.append(str(letter.get("reason")))
-        return reasons
+    def reason(self, letter: dict[str, Any]) -> str | None:
+        payload = letter.get("payload")
+        if isinstance(payload, dict) and payload.get("request_id") == self.msg.request_id:
+            return str(letter.get("reason"))
+        return None
 
 
 def run_training(
