@@ -1,5 +1,9 @@
 """Precision variants: an exported model quantised to int8 (or cast to fp16), as its own model.
 
+Made by ``kiban models quantize NAME --to int8|fp16`` or in one go at export time by ``kiban
+models export SPEC --name N --precision int8|fp16`` (the fp32 export is published as N, the
+variant as N-int8 / N-fp16); both commands go through ``kiban_cli.models.publish_variant``.
+
 The variant keeps the standard interface (uint8 NHWC ``images`` in, float32 ``embedding``
 out); only the weights and the arithmetic inside change. Its card names the parent (name +
 sha256), the precision and mode, the calibration images (batch + digest), the parity in

@@ -11,6 +11,8 @@ from rich.table import Table
 from kiban.errors import KibanError
 from kiban.models.card import ModelCard
 from kiban.models.registry import list_cards, load_card, publish
+from kiban.settings import Settings
+from kiban.store import ObjectStore
 from kiban_cli.common import (
     check_name,
     console,
@@ -111,14 +113,41 @@ def export(
     fuse: bool = typer.Option(
         True, help="ViT family: keep ONNX Runtime's fused graph if it holds parity and is faster."
     ),
+    precision: str = typer.Option(
+        "fp32",
+        "--precision",
+        help="fp32 | int8 (CPU) | fp16 (GPU providers): int8/fp16 also publish the variant "
+        "NAME-int8 / NAME-fp16 of the fp32 export NAME (as `models quantize` does).",
+    ),
+    calibration: str | None = typer.Option(
+        None, "--calibration", help="int8/fp16: stored batch whose images calibrate and validate."
+    ),
+    variant_images: int = typer.Option(
+        64, "--variant-images", min=4, help="int8/fp16: calibration + validation images."
+    ),
+    mode: str = typer.Option("auto", "--mode", help="int8: auto | dynamic | static."),
 ) -> None:
-    """Export an encoder to ONNX (uint8 NHWC in, embedding out), check parity, publish it."""
+    """Export an encoder to ONNX (uint8 NHWC in, embedding out), check parity, publish it.
+
+    With --precision int8|fp16 the fp32 export is published as NAME (the variant's parent)
+    and the variant as NAME-int8 / NAME-fp16; the JSON printed is then
+    {"parent": card, "variant": card}."""
     from kiban_export import OnnxOptions
 
     if family not in (None, "foundation", "domain"):
         raise KibanError(f"--family must be foundation or domain, not {family!r}")
     check_name(name, "model name")
-    _, store = settings_and_store()
+    if precision not in ("fp32", "int8", "fp16"):
+        raise KibanError(f"--precision must be one of fp32, int8, fp16, not {precision!r}")
+    settings, store = settings_and_store()
+    variant_name = None
+    if precision == "fp32":
+        if calibration is not None:
+            raise KibanError("--calibration applies to --precision int8 or fp16, not fp32")
+    else:
+        variant_name = variant_name_for(name, precision)
+        check_name(variant_name, "model name")
+        check_variant_request(store, precision, mode, calibration, option="--precision")
     options = None
     if spec.startswith("onnx:"):
         if input_size is None or mean is None or std is None:
@@ -143,13 +172,24 @@ def export(
         allow_parity_failure=allow_parity_failure,
         fuse=fuse,
     )
-    print_json(card.model_dump(mode="json"))
+    variant = None
+    if variant_name is not None:
+        variant = publish_variant(
+            settings, store, card, variant_name, precision, calibration, variant_images, mode
+        )
+        print_json(
+            {"parent": card.model_dump(mode="json"), "variant": variant.model_dump(mode="json")}
+        )
+    else:
+        print_json(card.model_dump(mode="json"))
     parity = card.parity
     console.print(
         f"[green]published[/] {shown(card.name)} ({shown(card.family)}, {card.embedding_dim}-d, "
         f"{card.params / 1e6:.1f}M params, weights: {shown(card.weights)})"
         + (f"; parity min cosine {parity.min_cosine:.6f}" if parity else "")
     )
+    if variant is not None:
+        report_variant(variant)
 
 
 @app.command("list")
@@ -196,18 +236,60 @@ def quantize(
     mode: str = typer.Option("auto", "--mode", help="auto | dynamic | static (int8)."),
 ) -> None:
     """Publish an int8/fp16 variant: parity, neighbour overlap and speed-up on its card."""
+    check_name(name, "model name")
+    variant_name = new_name or variant_name_for(name, to)
+    check_name(variant_name, "model name")
+    settings, store = settings_and_store()
+    check_variant_request(store, to, mode, calibration)
+    card = publish_variant(settings, store, load_card(store, name), variant_name, to, calibration,
+                           images, mode)  # fmt: skip
+    print_json(card.model_dump(mode="json"))
+    report_variant(card)
+
+
+def variant_name_for(name: str, precision: str) -> str:
+    """The registry name of a precision variant: ``NAME-<precision>`` (e.g. ``vit-b-32-int8``),
+    the same for ``models quantize`` and ``models export --precision``."""
+    return f"{name}-{precision}"
+
+
+def check_variant_request(
+    store: ObjectStore, to: str, mode: str, calibration: str | None, option: str = "--to"
+) -> None:
+    """Refuse a bad precision, mode or calibration batch before any slow work starts."""
+    from kiban.records import read_batch_info
+    from kiban_export.variants import MODES, PRECISIONS
+
+    if to not in PRECISIONS:
+        raise KibanError(f"{option} must be one of {', '.join(PRECISIONS)}, not {to!r}")
+    if mode not in MODES:
+        raise KibanError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if calibration is not None:
+        check_name(calibration, "batch")
+        try:
+            read_batch_info(store, calibration)
+        except Exception as exc:  # noqa: BLE001 - any store failure means "not usable"
+            raise KibanError(f"--calibration batch {calibration!r} is not in the store") from exc
+
+
+def publish_variant(
+    settings: Settings,
+    store: ObjectStore,
+    parent: ModelCard,
+    variant_name: str,
+    to: str,
+    calibration: str | None,
+    images: int,
+    mode: str,
+) -> ModelCard:
+    """Quantise / cast a registered parent and publish the variant (the one code path of
+    ``models quantize`` and ``models export --precision``)."""
     from kiban.context import Context
     from kiban.models.registry import fetch_model
     from kiban.records import read_batch_info
     from kiban_export.variants import as_crops, batch_calibration, quantize_model, validation_split
 
-    check_name(name, "model name")
-    variant_name = new_name or f"{name}-{to}"
-    check_name(variant_name, "model name")
-    settings, store = settings_and_store()
-    parent = load_card(store, name)
     if calibration is not None:
-        check_name(calibration, "batch")
         source = Context(settings, store).open_source(read_batch_info(store, calibration).source)
         crops = batch_calibration(store, source, calibration, images, parent.preprocessing)
     else:
@@ -217,7 +299,7 @@ def quantize(
     cal, val = validation_split(crops, len(crops.crops) // 2)
     with tempfile.TemporaryDirectory(prefix="kiban-quantize-") as tmp:
         parent_path = fetch_model(store, parent, settings.home / "cache" / "models")
-        with console.status(f"quantizing {shown(name)} to {shown(to)} …"):
+        with console.status(f"quantizing {shown(parent.name)} to {shown(to)} …"):
             card, path = quantize_model(
                 parent,
                 parent_path,
@@ -231,7 +313,11 @@ def quantize(
                 threads=settings.threads or None,
             )
         publish(store, card, path)
-    print_json(card.model_dump(mode="json"))
+    return card
+
+
+def report_variant(card: ModelCard) -> None:
+    """The variant's warnings, then one line with its speed-up and retrieval parity."""
     info = card.variant
     assert info is not None
     for warning in info.warnings:
