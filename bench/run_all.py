@@ -17,9 +17,12 @@ BENCHES = [
     "bench_knn.py",
     "bench_qdrant.py",
     "bench_distributed.py",
+    "bench_ingest.py",
     "bench_decision.py",
     "bench_trainer.py",
     "bench_variants.py",
+    "bench_vit_e2e.py",
+    "bench_reporter_scale.py",
 ]
 
 

@@ -64,6 +64,20 @@ class Settings(BaseSettings):
     chunk_size: int = Field(
         256, ge=1, le=20_000, description="Images per encode task (one shard each)."
     )
+    ingest_page_size: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Listing entries per ingest page: one validation task each (any ingest "
+        "worker takes it); an ingest process holds one page, never the whole night.",
+    )
+    ingest_page_wait: int = Field(
+        120,
+        ge=1,
+        le=24 * 3600,
+        description="Seconds the ingest reducer waits for a page another worker claimed before "
+        "validating it itself (a killed worker's page is redone after at most this).",
+    )
     threads: int = Field(
         0, ge=0, le=512, description="ONNX Runtime intra-op threads; 0 = all cores."
     )
@@ -103,6 +117,12 @@ class Settings(BaseSettings):
         description="If set, the only S3 buckets (comma-separated) that sources, manifests and "
         "export destinations in messages may name.",
     )
+    allow_synthetic_sources: bool = Field(
+        True,
+        description="Distributed mode: whether a message may name a synthetic:// source "
+        "(generated load-test images; reads no file or bucket). Set false to refuse them "
+        "(dead-lettered). Never a manifest or an export destination. Embedded: always allowed.",
+    )
     max_message_bytes: int = Field(
         256 * 1024,
         ge=1024,
@@ -138,6 +158,24 @@ class Settings(BaseSettings):
     )
     learning_curve_repeats: int = Field(
         5, ge=1, le=1000, description="Seeded random subsets drawn per learning-curve point."
+    )
+    eval_exact_max_vectors: int = Field(
+        100_000,
+        ge=1,
+        le=100_000_000,
+        description="Batches with at most this many images are evaluated in memory, every "
+        "query exactly (all-vs-all); larger ones by a seeded class-stratified query sample, "
+        "still exact against the full index, streamed one shard at a time (memory bounded by "
+        "the chunk). Default from bench/bench_reporter_scale.py --all-vs-all 60000 here: "
+        "53-91 s and 712-827 MB peak over two runs (one model, D = 512, 2 shared cores); "
+        "time grows with N squared.",
+    )
+    eval_sample_queries: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Queries sampled when a batch is above eval_exact_max_vectors (a request's "
+        "query_sample takes precedence).",
     )
     trend_window: int = Field(
         7,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -32,7 +32,7 @@ from kiban.records import (
     read_records,
     report_prefix,
 )
-from kiban.shards import is_complete, shard_batches
+from kiban.shards import ShardMeta, is_complete, shard_batches
 from kiban_reporter.ann_check import AnnCheck, ann_check
 from kiban_reporter.cost import cost_warnings, payload_bytes, summarise_cost
 from kiban_reporter.decision import decide
@@ -44,7 +44,8 @@ from kiban_reporter.learning_curve import learning_curves
 from kiban_reporter.markdown import render_markdown
 from kiban_reporter.metrics import PairComparison, RetrievalResult, compare, evaluate
 from kiban_reporter.protocols import EvalRow, ProtocolPlan, plan_protocol
-from kiban_reporter.report import BatchSummary, ModelSection, Protocol, Report
+from kiban_reporter.report import BatchSummary, ModelSection, Protocol, Report, SearchScope
+from kiban_reporter.streamed import plan_streamed, scan_batch, score_streamed
 from kiban_reporter.trend import build_trend
 
 if TYPE_CHECKING:
@@ -343,19 +344,34 @@ def score_model(
     return ModelScore(result=result, ann=ann, warnings=warnings)
 
 
+@dataclass
+class Encoded:
+    """What one model encoded, as its report section states it (counts, failures, cost)."""
+
+    images_encoded: int
+    failures: list[tuple[str, str]]
+    timings: list[ShardMeta]
+    payload: float | None  # mean Qdrant payload bytes per point
+
+    @classmethod
+    def of(cls, emb: BatchEmbeddings, info: BatchInfo | None) -> Encoded:
+        """From the embeddings loaded in memory (the payload estimated from their records)."""
+        payload = payload_bytes(emb.records, info.batch_id, info.source) if info else None
+        return cls(len(emb.records), emb.failures, emb.timings, payload)
+
+
 def model_section(
     ctx: Context,
     model: str,
     card: ModelCard,
-    emb: BatchEmbeddings,
+    encoded: Encoded,
     score: ModelScore,
-    info: BatchInfo | None = None,
     volume: int | None = None,
 ) -> ModelSection:
     """The report's entry for one model: what it is, what it encoded, its scores and cost.
 
     The cost's device is the encoder's, read from the shards; the Qdrant payload size is
-    estimated from this batch's records (``info``); ``volume`` adds the nightly projection.
+    estimated from this batch's records; ``volume`` adds the nightly projection.
     """
     return ModelSection(
         name=model,
@@ -368,15 +384,15 @@ def model_section(
         params=card.params,
         model_sha256=card.sha256,
         parity_min_cosine=card.parity.min_cosine if card.parity else None,
-        images_encoded=len(emb.records),
-        encode_failures=emb.failures,
+        images_encoded=encoded.images_encoded,
+        encode_failures=encoded.failures,
         retrieval=score.result,
         cost=summarise_cost(
-            emb.timings,
+            encoded.timings,
             card,
             ctx.settings.price_per_hour,
             ctx.settings.price_currency,
-            payload=payload_bytes(emb.records, info.batch_id, info.source) if info else None,
+            payload=encoded.payload,
             volume=volume,
         ),
         ann_check=score.ann,
@@ -387,30 +403,25 @@ def score_models(
     ctx: Context,
     msg: EvaluateBatch,
     cards: dict[str, ModelCard],
-    data: EvaluationRows,
-    plan: ProtocolPlan | None,
-    ks: list[int],
-    info: BatchInfo | None = None,
+    encoded: dict[str, Encoded],
+    scorer: Callable[[str], ModelScore] | None,
 ) -> tuple[list[ModelSection], dict[str, RetrievalResult], list[str]]:
     """Every model's section (in request order), the scored results by model, and warnings.
 
-    An unscored model still gets a section: what it encoded and what that cost is useful on
-    its own.
+    ``scorer`` scores one model (``None``: nothing is scored). An unscored model still gets a
+    section: what it encoded and what that cost is useful on its own.
     """
-    scored = _is_scored(plan, data)
     sections: list[ModelSection] = []
     results: dict[str, RetrievalResult] = {}
     warnings: list[str] = []
     volume = msg.volume_images_per_night or ctx.settings.volume_images_per_night
     for model in msg.models:
         card = cards[model]
-        score = ModelScore()
-        if scored and plan is not None:
-            score = score_model(ctx, msg, model, data, plan, ks)
+        score = scorer(model) if scorer is not None else ModelScore()
         if score.result is not None:
             results[model] = score.result
         warnings.extend(score.warnings)
-        section = model_section(ctx, model, card, data.current[model], score, info, volume)
+        section = model_section(ctx, model, card, encoded[model], score, volume)
         sections.append(section)
         warnings.extend(cost_warnings(model, section.cost))
         if not card.pretrained:
@@ -467,7 +478,13 @@ def batch_summary(info: BatchInfo, quarantine: Sequence[QuarantineEntry]) -> Bat
 
 
 def protocol_summary(
-    msg: EvaluateBatch, plan: ProtocolPlan | None, data: EvaluationRows, ks: list[int], hk: int
+    msg: EvaluateBatch,
+    plan: ProtocolPlan | None,
+    ks: list[int],
+    hk: int,
+    n_images: int,
+    n_left_out: int,
+    search: SearchScope,
 ) -> Protocol:
     """How the batch was evaluated, as asked and as resolved, so the numbers can be redone."""
     proto = msg.protocol
@@ -480,15 +497,50 @@ def protocol_summary(
         bootstrap_resamples=proto.bootstrap,
         seed=proto.seed,
         confidence=0.95,
-        n_images=len(data.rows),
+        n_images=n_images,
         n_queries=plan.n_queries if plan else 0,
         n_candidates=plan.n_candidates if plan else 0,
-        n_left_out=data.n_left_out,
+        n_left_out=n_left_out,
         query_split=proto.query_split if proto.name == "split" else None,
         split=plan.split if plan else None,
         history=plan.history if plan else None,
         query_sample=plan.sample if plan else None,
         ann_check_queries=proto.ann_check_queries,
+        search=search,
+    )
+
+
+def search_scope(
+    plan: ProtocolPlan | None, n_rows: int, exact_max: int, n_shards: int | None = None
+) -> SearchScope:
+    """The report's sentence on what is exact: every query, or a sample against everything."""
+    if n_shards is None:
+        if plan is not None and plan.sample is not None:
+            what = (
+                f"{plan.n_queries:,} sampled queries of {plan.sample.population:,}, exact "
+                "against the full index (in memory)"
+            )
+        else:
+            what = "exact all-vs-all: every query against every candidate (in memory)"
+        return SearchScope(
+            mode="in-memory", statement=what, n_rows=n_rows, exact_max_vectors=exact_max
+        )
+    if plan is not None and plan.sample is not None:
+        what = (
+            f"{plan.n_queries:,} sampled queries of {plan.sample.population:,}, exact against "
+            f"the full index (streamed over {n_shards:,} shards"
+        )
+    else:
+        what = f"not scored (streamed over {n_shards:,} shards"
+    what += (
+        f"; the batch has {n_rows:,} images, above KIBAN_EVAL_EXACT_MAX_VECTORS = {exact_max:,})"
+    )
+    return SearchScope(
+        mode="streamed",
+        statement=what,
+        n_rows=n_rows,
+        exact_max_vectors=exact_max,
+        n_shards=n_shards,
     )
 
 
@@ -538,12 +590,119 @@ def chunk_failures(
     return failures, warnings
 
 
+@dataclass
+class Outcome:
+    """What either evaluation path (in memory / streamed) hands to the report."""
+
+    plan: ProtocolPlan | None
+    n_images: int
+    n_left_out: int
+    search: SearchScope
+    sections: list[ModelSection]
+    results: dict[str, RetrievalResult]
+    leakage: Leakage
+    warnings: list[str]
+    data: EvaluationRows | None = None  # in memory only: the learning curves re-search it
+
+
+def batch_rows(info: BatchInfo) -> int:
+    """The images the chunk plan holds: what decides in memory vs streamed."""
+    return sum(c.stop - c.start for c in info.chunks)
+
+
+def evaluate_in_memory(
+    ctx: Context,
+    msg: EvaluateBatch,
+    info: BatchInfo,
+    cards: dict[str, ModelCard],
+    trained: dict[str, frozenset[str]],
+    ks: list[int],
+) -> Outcome:
+    """Every vector loaded; the protocol's queries (or its query_sample) searched exactly."""
+    warnings: list[str] = []
+    data = load_evaluation_rows(ctx, msg, info, cards)
+    warnings.extend(data.warnings)
+    plan = plan_evaluation(msg, info, data)
+    leakage = Leakage()
+    if plan is not None:
+        warnings.extend(plan.warnings)
+        leakage = check_leakage(data.rows, plan, trained)
+        plan = exclude_queries(plan, leakage)
+        warnings.extend(leakage.warnings)
+    final = plan
+    scorer = None
+    if final is not None and _is_scored(final, data):
+        scorer = lambda m: score_model(ctx, msg, m, data, final, ks)  # noqa: E731
+    encoded = {m: Encoded.of(data.current[m], info) for m in msg.models}
+    sections, results, model_warnings = score_models(ctx, msg, cards, encoded, scorer)
+    warnings.extend(model_warnings)
+    scope = search_scope(plan, len(data.rows), ctx.settings.eval_exact_max_vectors)
+    return Outcome(
+        plan, len(data.rows), data.n_left_out, scope, sections, results, leakage, warnings, data
+    )
+
+
+def evaluate_streamed(
+    ctx: Context,
+    msg: EvaluateBatch,
+    info: BatchInfo,
+    cards: dict[str, ModelCard],
+    trained: dict[str, frozenset[str]],
+    ks: list[int],
+) -> Outcome:
+    """Above KIBAN_EVAL_EXACT_MAX_VECTORS: a query sample, exact against the whole index,
+    one shard at a time (``kiban_reporter.streamed``); what it cannot do is stated."""
+    exact_max = ctx.settings.eval_exact_max_vectors
+    scan = scan_batch(ctx, info, msg.models, trained, splits=msg.protocol.name == "split")
+    warnings: list[str] = []
+    if scan.n_left_out:
+        warnings.append(
+            f"{scan.n_left_out} images are not encoded by every model; left out so that the "
+            "models are compared on the same images"
+        )
+    sp = None
+    if info.labelled:
+        sp, plan_warnings = plan_streamed(msg, scan, ctx.settings.eval_sample_queries)
+        warnings.extend(plan_warnings)
+    plan = sp.plan if sp is not None else None
+    leakage = Leakage()
+    if sp is not None:
+        warnings.extend(sp.plan.warnings)
+        leakage = sp.leakage
+        warnings.extend(leakage.warnings)
+    scope = search_scope(plan, scan.n_rows, exact_max, len(scan.spans))
+    warnings.append(f"evaluation at scale: {scope.statement}")
+    scorer = None
+    if sp is not None and scan.n_rows:
+        streamed_plan = sp
+
+        def scorer(model: str) -> ModelScore:
+            result, ann, model_warnings = score_streamed(
+                ctx, msg, info, model, scan, streamed_plan, ks
+            )
+            return ModelScore(result=result, ann=ann, warnings=model_warnings)
+
+    encoded = {
+        m: Encoded(e.images_encoded, e.failures, e.timings, e.payload)
+        for m, e in scan.encoded.items()
+    }
+    sections, results, model_warnings = score_models(ctx, msg, cards, encoded, scorer)
+    warnings.extend(model_warnings)
+    if results:
+        warnings.append(
+            "learning curves: not computed on a streamed evaluation (they re-search the "
+            f"index many times; batch above KIBAN_EVAL_EXACT_MAX_VECTORS = {exact_max:,})"
+        )
+    return Outcome(plan, scan.n_rows, scan.n_left_out, scope, sections, results, leakage, warnings)
+
+
 def evaluate_batch(msg: EvaluateBatch, ctx: Context) -> Report:
     """Evaluate a batch from its stored embeddings and write the next report version.
 
     The steps run in a fixed order — rows, protocol, leakage check (queries any evaluated
     model was trained on leave every model's queries), models (metrics, cost), comparisons,
-    decision — and the report's warnings are listed in that order.
+    decision — and the report's warnings are listed in that order. A batch above
+    ``KIBAN_EVAL_EXACT_MAX_VECTORS`` images is evaluated streamed (``evaluate_streamed``).
     """
     info = read_batch_info(ctx.store, msg.batch_id)
     quarantine = read_quarantine(ctx.store, msg.batch_id)
@@ -556,33 +715,28 @@ def evaluate_batch(msg: EvaluateBatch, ctx: Context) -> Report:
     trained = training_sets(ctx.store, cards)  # a missing training set fails here, clearly
     failures, failure_warnings = chunk_failures(ctx, msg, info)
     warnings.extend(failure_warnings)
-    data = load_evaluation_rows(ctx, msg, info, cards)
-    warnings.extend(data.warnings)
-    plan = plan_evaluation(msg, info, data)
-    leakage = Leakage()
-    if plan is not None:
-        warnings.extend(plan.warnings)
-        leakage = check_leakage(data.rows, plan, trained)
-        plan = exclude_queries(plan, leakage)
-        warnings.extend(leakage.warnings)
-    sections, results, model_warnings = score_models(ctx, msg, cards, data, plan, ks, info)
-    warnings.extend(model_warnings)
-    comparisons = compare_models(msg.models, results, hk)
+    streamed = batch_rows(info) > ctx.settings.eval_exact_max_vectors
+    run = evaluate_streamed if streamed else evaluate_in_memory
+    out = run(ctx, msg, info, cards, trained, ks)
+    warnings.extend(out.warnings)
+    comparisons = compare_models(msg.models, out.results, hk)
     warnings.extend(comparisons.warnings)
-    curves = learning_curves_of(ctx, msg, data, plan, results, hk)
+    curves = None
+    if out.data is not None:
+        curves = learning_curves_of(ctx, msg, out.data, out.plan, out.results, hk)
     report = Report(
         version=next_version(ctx, msg.batch_id),
         request_id=msg.request_id,
         batch_id=msg.batch_id,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         batch=batch_summary(info, quarantine),
-        protocol=protocol_summary(msg, plan, data, ks, hk),
-        models=sections,
+        protocol=protocol_summary(msg, out.plan, ks, hk, out.n_images, out.n_left_out, out.search),
+        models=out.sections,
         comparisons=comparisons.pairs,
         verdicts=comparisons.verdicts,
         failed_chunks=failures,
-        decision=decide(sections, comparisons.pairs, hk, ctx.settings.noninferiority_margin),
-        leakage=leakage.checks,
+        decision=decide(out.sections, comparisons.pairs, hk, ctx.settings.noninferiority_margin),
+        leakage=out.leakage.checks,
         learning_curves=curves,
         warnings=warnings,
     )

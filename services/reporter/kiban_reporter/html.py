@@ -717,6 +717,8 @@ def _protocol(report: Report) -> list[str]:
         f"resamples, seed {p.seed}",
         f"tie rule: {p.ordering}",
     ]
+    if p.search is not None:
+        items.append(f"search: {p.search.statement}")
     if p.split is not None:
         s = p.split
         counts = ", ".join(

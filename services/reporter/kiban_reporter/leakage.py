@@ -48,18 +48,31 @@ def check_leakage(
     rows: Sequence[EvalRow], plan: ProtocolPlan, trained: Mapping[str, frozenset[str]]
 ) -> Leakage:
     """Count each model's training images among the queries and candidates of ``plan``."""
-    out = Leakage(excluded=np.zeros(len(rows), dtype=bool))
-    if not trained:
-        return out
     sha = np.array([r.sha256 for r in rows], dtype=object)
-    for model, images in trained.items():
-        hit = np.fromiter((s in images for s in sha), dtype=bool, count=len(rows))
+    hits = {
+        model: (len(images), np.fromiter((s in images for s in sha), dtype=bool, count=len(rows)))
+        for model, images in trained.items()
+    }
+    return leakage_from_hits(hits, plan)
+
+
+def leakage_from_hits(
+    hits: Mapping[str, tuple[int, NDArray[np.bool_]]], plan: ProtocolPlan
+) -> Leakage:
+    """The leakage check from each trained model's (training set size, row-was-trained mask).
+
+    The streamed evaluation builds the masks chunk by chunk without keeping the sha256s.
+    """
+    out = Leakage(excluded=np.zeros(plan.query_mask.size, dtype=bool))
+    if not hits:
+        return out
+    for model, (n_images, hit) in hits.items():
         queries = int(np.count_nonzero(hit & plan.query_mask))
         candidates = int(np.count_nonzero(hit & plan.candidate_mask))
         out.checks.append(
             LeakageCheck(
                 model=model,
-                training_images=len(images),
+                training_images=n_images,
                 overlap_queries=queries,
                 overlap_candidates=candidates,
             )

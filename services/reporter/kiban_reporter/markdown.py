@@ -195,6 +195,8 @@ def _protocol_section(report: Report) -> list[str]:
         f"seed {p.seed}",
         f"- tie rule: {_t(p.ordering)}",
     ]
+    if p.search is not None:
+        out.append(f"- search: {_t(p.search.statement)}")
     if p.split is not None:
         s = p.split
         counts = ", ".join(

@@ -207,26 +207,42 @@ def stratified_sample(
 
     Same labels, n and seed → the same sample. See ``SAMPLE_RULE``.
     """
-    total = len(labels)
-    by_class: dict[str, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
-    classes = sorted(by_class)
+    classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    codes = np.fromiter((index[label] for label in labels), dtype=np.int64, count=len(labels))
+    return stratified_sample_codes(codes, classes, n, seed)
+
+
+def stratified_sample_codes(
+    codes: NDArray[np.int64], classes: Sequence[str], n: int, seed: int
+) -> tuple[NDArray[np.int64], dict[str, int]]:
+    """``stratified_sample`` over label codes (``classes[code]``, sorted): the same sample.
+
+    The streamed evaluation keeps a million labels as codes, not strings; one implementation
+    serves both so the in-memory and streamed paths draw identical queries.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    total = codes.size
+    counts = np.bincount(codes, minlength=len(classes)) if total else np.zeros(len(classes), int)
+    present = [i for i in range(len(classes)) if counts[i]]
     if n >= total:
-        return np.arange(total, dtype=np.int64), {c: len(by_class[c]) for c in classes}
+        return np.arange(total, dtype=np.int64), {classes[i]: int(counts[i]) for i in present}
     rng = np.random.default_rng(seed)
-    if n < len(classes):
-        picked = sorted(rng.choice(len(classes), size=n, replace=False).tolist())
-        quota = {c: (1 if i in picked else 0) for i, c in enumerate(classes)}
+    if n < len(present):
+        picked = sorted(rng.choice(len(present), size=n, replace=False).tolist())
+        quota = {i: (1 if j in picked else 0) for j, i in enumerate(present)}
     else:
-        extra = _largest_remainder(n - len(classes), {c: len(by_class[c]) - 1 for c in classes})
-        quota = {c: 1 + extra[c] for c in classes}
-    chosen: list[int] = []
-    for c in classes:
-        if quota[c]:
-            members = np.asarray(by_class[c], dtype=np.int64)
-            chosen.extend(rng.choice(members, size=quota[c], replace=False).tolist())
-    return np.asarray(sorted(chosen), dtype=np.int64), {c: quota[c] for c in classes if quota[c]}
+        extra = _largest_remainder(
+            n - len(present), {classes[i]: int(counts[i]) - 1 for i in present}
+        )
+        quota = {i: 1 + extra[classes[i]] for i in present}
+    chosen: list[NDArray[np.int64]] = []
+    for i in present:
+        if quota[i]:
+            members = np.flatnonzero(codes == i).astype(np.int64)
+            chosen.append(rng.choice(members, size=quota[i], replace=False))
+    out = np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
+    return out, {classes[i]: quota[i] for i in present if quota[i]}
 
 
 def check_order(rows: Sequence[EvalRow]) -> None:
@@ -328,6 +344,10 @@ def _split_warnings(
             "the manifest's split; their same-group candidates are excluded"
         )
     return warnings
+
+
+#: The split protocol's warnings, shared with the streamed evaluation.
+split_warnings = _split_warnings
 
 
 def plan_split(inp: PlanInput) -> ProtocolPlan:
@@ -444,22 +464,39 @@ def sample_queries(plan: ProtocolPlan, inp: PlanInput) -> ProtocolPlan:
     if protocol.query_sample is None:
         return plan
     pop = np.flatnonzero(plan.query_mask)
-    picked, per_class = stratified_sample(
-        [str(inp.rows[int(i)].label) for i in pop], protocol.query_sample, protocol.seed
-    )
-    qmask = np.zeros(inp.n, dtype=bool)
+    labels = [str(inp.rows[int(i)].label) for i in pop]
+    classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    codes = np.fromiter((index[label] for label in labels), dtype=np.int64, count=len(labels))
+    return apply_sample(plan, codes, classes, protocol.query_sample, protocol.seed)
+
+
+def apply_sample(
+    plan: ProtocolPlan,
+    population_codes: NDArray[np.int64],
+    classes: Sequence[str],
+    requested: int,
+    seed: int,
+) -> ProtocolPlan:
+    """``plan`` with its queries cut to a stratified sample of ``requested`` of them.
+
+    ``population_codes`` are the label codes (``classes[code]``) of the plan's queries in row
+    order. Shared by the in-memory and the streamed evaluation.
+    """
+    pop = np.flatnonzero(plan.query_mask)
+    picked, per_class = stratified_sample_codes(population_codes, classes, requested, seed)
+    qmask = np.zeros(plan.query_mask.size, dtype=bool)
     qmask[pop[picked]] = True
     warnings = list(plan.warnings)
-    if picked.size < protocol.query_sample:
+    if picked.size < requested:
         warnings.append(
-            f"query sample of {protocol.query_sample} asked for, only {pop.size} queries: "
-            "all of them are used"
+            f"query sample of {requested} asked for, only {pop.size} queries: all of them are used"
         )
     sample = QuerySample(
-        requested=protocol.query_sample,
+        requested=requested,
         size=int(picked.size),
         population=int(pop.size),
-        seed=protocol.seed,
+        seed=seed,
         per_class=per_class,
     )
     return replace(plan, query_mask=qmask, sample=sample, warnings=warnings)

@@ -17,6 +17,8 @@ JSON written is exactly their ``model_dump(mode="json")`` and a report read back
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from kiban.progress import ChunkFailure
@@ -53,6 +55,20 @@ class BatchSummary(BaseModel):
     )
 
 
+class SearchScope(BaseModel):
+    """What is exact at which size: every query in memory, or a sample streamed over shards."""
+
+    mode: Literal["in-memory", "streamed"] = Field(
+        description="in-memory: every vector loaded, the protocol's queries searched exactly; "
+        "streamed: the batch is above KIBAN_EVAL_EXACT_MAX_VECTORS, a seeded class-stratified "
+        "query sample is searched exactly against the full index, one shard at a time"
+    )
+    statement: str = Field(description="the scope in one sentence, as the report states it")
+    n_rows: int = Field(description="images of this batch (encoded by every model)")
+    exact_max_vectors: int = Field(description="KIBAN_EVAL_EXACT_MAX_VECTORS when evaluated")
+    n_shards: int | None = Field(None, description="streamed: shards read per model and pass")
+
+
 class Protocol(BaseModel):
     name: str = Field(
         description="resolved: leave-one-out | leave-one-group-out | split | cross-batch | "
@@ -83,6 +99,9 @@ class Protocol(BaseModel):
     history: CrossBatchHistory | None = None
     query_sample: QuerySample | None = None
     ann_check_queries: int = 0
+    search: SearchScope | None = Field(
+        None, description="exact all-vs-all in memory or sampled and streamed (null: older reports)"
+    )
     definitions: str = "docs/report.md#definitions"
 
 

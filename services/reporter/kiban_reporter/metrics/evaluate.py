@@ -20,8 +20,8 @@ from kiban_reporter.metrics.bootstrap import (
     unit_sums,
 )
 from kiban_reporter.metrics.classification import classification_report
-from kiban_reporter.metrics.inputs import encode_inputs
-from kiban_reporter.metrics.knn import exact_knn
+from kiban_reporter.metrics.inputs import EncodedInputs, encode_inputs
+from kiban_reporter.metrics.knn import KnnResult, exact_knn
 from kiban_reporter.metrics.results import Estimate, KMetrics, PerQuery, RetrievalResult
 from kiban_reporter.metrics.retrieval import (
     average_precision_at,
@@ -76,6 +76,31 @@ def evaluate(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     enc = encode_inputs(vectors, labels, groups, query_mask, candidate_mask)
+    knn = None
+    if enc.query_rows.size:
+        knn = exact_knn(
+            enc.vectors, ks_t[-1], enc.query_rows, enc.candidate_rows, enc.group_codes, block_size
+        )
+    return score_neighbours(enc, knn, ks_t, bootstrap, seed, confidence, name)
+
+
+def score_neighbours(
+    enc: EncodedInputs,
+    knn: KnnResult | None,
+    ks: Iterable[int],
+    bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    name: str | None = None,
+) -> RetrievalResult:
+    """Metrics, classification reports and intervals from the queries' exact top-``max(ks)``.
+
+    Split from ``evaluate`` so that the streamed evaluation (``kiban_reporter.streamed``),
+    which finds the neighbours shard by shard without the vectors in memory, is scored by the
+    very same code. ``knn`` is ``None`` when there is no query; of ``enc.vectors`` only the
+    row count is read (the streamed path passes an ``[N, 0]`` array).
+    """
+    ks_t = _check_ks(ks)
     warnings = list(enc.warnings)
     protocol = "leave-one-group-out" if enc.grouped else "leave-one-out"
     unit = "group" if enc.grouped else "query"
@@ -115,14 +140,10 @@ def evaluate(
             warnings=warnings,
         )
 
-    if enc.query_rows.size == 0:
+    if knn is None or enc.query_rows.size == 0:
         warnings += diagnostics.no_queries(int(enc.vectors.shape[0]), enc.n_unlabelled)
         return empty_result(0)
 
-    k_max = ks_t[-1]
-    knn = exact_knn(
-        enc.vectors, k_max, enc.query_rows, enc.candidate_rows, enc.group_codes, block_size
-    )
     keep = knn.n_candidates > 0
     n_without = int(np.count_nonzero(~keep))
     warnings += diagnostics.without_candidates(n_without)
