@@ -130,7 +130,18 @@ def _hostile_report(batch_id: str = "hostile-1"):  # type: ignore[no-untyped-def
     labels = [text for name, text in CASES if name != "long"] + ["y" * 10_000]
     names = ["[bold]m[/]", "<b>m2</b>"]
     report = build_report(labels=labels, model_names=names, per_class=3, batch_id=batch_id)
-    return report.model_copy(update={"verdicts": [f"verdict on {label}" for label in labels]})
+    from kiban_reporter.report import SearchScope
+
+    search = SearchScope(
+        mode="streamed",
+        statement="10 sampled queries of [bold]12[/] <b>rows</b>, exact against the full index",
+        n_rows=12,
+        exact_max_vectors=10,
+        n_shards=2,
+    )
+    protocol = report.protocol.model_copy(update={"search": search})
+    verdicts = [f"verdict on {label}" for label in labels]
+    return report.model_copy(update={"verdicts": verdicts, "protocol": protocol})
 
 
 def test_rendered_report_shows_every_label_as_typed() -> None:
@@ -174,6 +185,7 @@ def test_report_show_terminal_markdown_and_json() -> None:
         assert raw not in out
     flat = unwrapped(out)
     assert "[bold]m[/]" in flat and "<b>m2</b>" in flat  # markup shown, not applied
+    assert "search: 10 sampled queries of [bold]12[/] <b>rows</b>, exact against" in flat
     for label in report.batch.classes:
         assert f"verdict on {printable(label)}" in flat, label[:40]
 

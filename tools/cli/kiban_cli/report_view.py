@@ -135,6 +135,9 @@ def print_summary(report: dict[str, Any], location: str, volume: int | None = No
         f"{batch['n_accepted']} images, {batch['n_quarantined']} quarantined, "
         f"{batch['n_duplicates']} duplicates; protocol {shown(report['protocol']['name'])}"
     )
+    search = report["protocol"].get("search")
+    if search:  # what is exact at this size (older reports have none)
+        console.print(f"search: {shown(search['statement'])}")
     cur = shown(report["models"][0]["cost"]["currency"]) if report["models"] else ""
     table = Table(show_lines=False)
     for col in (
