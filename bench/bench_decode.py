@@ -101,21 +101,24 @@ def cosines(settings, files: list[Path], model: str) -> tuple[float, float]:  # 
 
 
 def end_to_end(settings, src: Path, model: str, tag: str, n: int) -> dict:  # type: ignore[no-untyped-def]
-    import kiban_encoder.reader as reader
+    import kiban.source_image as source_image
     from kiban.imaging import decode_for_model
 
     bare = be.bare_throughput(settings, src, model, n)
     row = {"bare_img_s": bare}
     for mode, draft in (("before", False), ("after", True)):
 
-        def patched(data, prep, max_pixels=80_000_000, min_side=8, _d=draft):  # type: ignore[no-untyped-def]
-            return decode_for_model(data, prep, max_pixels, min_side, draft=_d)
+        def patched(data, prep, max_pixels=80_000_000, min_side=8, draft=True, _d=draft):  # type: ignore[no-untyped-def]
+            return decode_for_model(data, prep, max_pixels, min_side, draft=_d)  # forced mode
 
-        reader.decode_for_model = patched  # type: ignore[assignment]
+        # the reader decodes through kiban.source_image.load_for_model
+        source_image.decode_for_model = patched  # type: ignore[assignment]
         try:
-            count, seconds = be.encode_batch(settings, src, f"dec-{tag}-{mode}", model)
+            count, seconds = be.encode_batch(
+                settings, src, f"dec-{tag}-{mode}", model, overlap_index=True
+            )
         finally:
-            reader.decode_for_model = decode_for_model  # type: ignore[assignment]
+            source_image.decode_for_model = decode_for_model  # type: ignore[assignment]
         row[f"{mode}_img_s"] = count / seconds
         row[f"{mode}_ratio"] = count / seconds / bare
     return row
