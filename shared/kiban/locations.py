@@ -9,6 +9,9 @@ therefore touches only what the deployment allows:
   and a root matches whole path components only (``/data2`` is not under ``/data``). No
   roots configured means no ``file://`` location is accepted.
 * ``s3://`` locations only in ``KIBAN_ALLOWED_BUCKETS`` when that is set.
+* ``synthetic://`` (generated load-test images, ``kiban.synthetic_source``) only as a
+  *source*, and only while ``KIBAN_ALLOW_SYNTHETIC_SOURCES`` is true (the default: it
+  reads no file and no bucket, so it reaches nothing; an operator may still turn it off).
 
 Anything else raises ``ForbiddenLocationError`` (permanent: the task dead-letters the message
 with the reason, no retry). Embedded mode is a person's own command line: not restricted.
@@ -45,6 +48,16 @@ def check_location(uri: str, settings: Settings, what: str) -> str:
             raise ForbiddenLocationError(
                 f"{what} {uri}: bucket {parsed.netloc!r} is not in KIBAN_ALLOWED_BUCKETS "
                 f"({', '.join(settings.allowed_buckets)})"
+            )
+        return uri
+    if parsed.scheme == "synthetic":
+        if what != "source":
+            raise ForbiddenLocationError(
+                f"{what} {uri}: a synthetic:// location can only be an image source"
+            )
+        if not settings.allow_synthetic_sources:
+            raise ForbiddenLocationError(
+                f"{what} {uri}: synthetic sources are turned off (KIBAN_ALLOW_SYNTHETIC_SOURCES)"
             )
         return uri
     if parsed.scheme == "file":

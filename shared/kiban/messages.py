@@ -34,6 +34,7 @@ MAX_BATCHES = 1000
 MAX_URI_CHARS = 4096
 MAX_CHUNK_SIZE = 20_000
 MAX_CHUNK_INDEX = 1_000_000
+MAX_PAGE_INDEX = 10_000_000
 MAX_BOOTSTRAP = 20_000
 MAX_QUERY_SAMPLE = 1_000_000
 MAX_ANN_CHECK_QUERIES = 10_000
@@ -162,6 +163,52 @@ class IngestBatch(Message):
     batch_id: Name
     source: Uri = Field(description="file:///dir or s3://bucket/prefix")
     manifest: Uri | None = Field(None, description="URI of a CSV/JSONL manifest")
+    chunk_size: int = Field(256, ge=1, le=MAX_CHUNK_SIZE, description="Images per chunk")
+    plan: RunPlan = Field(default_factory=RunPlan)
+
+
+RUN_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class ValidatePage(Message):
+    """Read, hash and validate one listing page of an ingest run (any ingest worker).
+
+    Written by the IngestBatch task (the planner) as soon as the page is listed; the result
+    goes to ``batches/<batch_id>/ingest/validated/``. Idempotent: a page already validated
+    with the same content and image limits is not read again.
+    """
+
+    task: ClassVar[str] = "kiban.ingest.validate_page"
+    queue: ClassVar[str] = "ingest"
+    service: ClassVar[str] = "ingest"
+    example: ClassVar[dict[str, Any]] = {
+        "batch_id": "night-2026-11-28",
+        "run": "6f1c0d3a9b2e4c5d8e7f6a5b4c3d2e1f",
+        "page": 0,
+    }
+
+    kind: Literal["validate_page"] = "validate_page"
+    batch_id: Name
+    run: str = Field(pattern=RUN_PATTERN, description="The ingest run (set by the planner)")
+    page: int = Field(ge=0, le=MAX_PAGE_INDEX)
+
+
+class ReduceIngest(Message):
+    """De-duplicate an ingest run's pages in key order, write chunk records as they fill
+    (sending their encode messages), then the batch's records, quarantine and batch.json."""
+
+    task: ClassVar[str] = "kiban.ingest.reduce"
+    queue: ClassVar[str] = "ingest"
+    service: ClassVar[str] = "ingest"
+    example: ClassVar[dict[str, Any]] = {
+        "batch_id": "night-2026-11-28",
+        "run": "6f1c0d3a9b2e4c5d8e7f6a5b4c3d2e1f",
+        "plan": {"models": ["kimianet", "plip"]},
+    }
+
+    kind: Literal["reduce_ingest"] = "reduce_ingest"
+    batch_id: Name
+    run: str = Field(pattern=RUN_PATTERN, description="The ingest run (set by the planner)")
     chunk_size: int = Field(256, ge=1, le=MAX_CHUNK_SIZE, description="Images per chunk")
     plan: RunPlan = Field(default_factory=RunPlan)
 

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kiban.errors import StoreError
 from kiban.store import ObjectStore
 
 SCHEMA_VERSION = 1
@@ -120,6 +121,50 @@ def load_jsonl(data: bytes, model: type[M]) -> list[M]:
 
 def read_batch_info(store: ObjectStore, batch_id: str) -> BatchInfo:
     return BatchInfo.model_validate_json(store.get(f"{batch_prefix(batch_id)}/batch.json"))
+
+
+def ingest_source_key(batch_id: str) -> str:
+    return f"{batch_prefix(batch_id)}/ingest/source.json"
+
+
+class IngestSource(BaseModel):
+    """Written by ingest's planner before any chunk exists (``ingest/source.json``): what a
+    chunk's encoder and indexer need while batch.json is not written yet."""
+
+    batch_id: str
+    source: str
+    manifest: str | None = None
+    run: str
+
+
+def read_batch_info_if_ingested(store: ObjectStore, batch_id: str) -> BatchInfo | None:
+    """The batch's BatchInfo, or None while its ingest has not written batch.json (chunks of
+    a batch are encoded and indexed while later pages are still being validated)."""
+    key = f"{batch_prefix(batch_id)}/batch.json"
+    try:
+        return BatchInfo.model_validate_json(store.get(key))
+    except StoreError:
+        if store.exists(key):
+            raise
+        return None
+
+
+def read_batch_source(store: ObjectStore, batch_id: str) -> str:
+    """The source URI of a batch, available from the moment its ingest starts planning
+    (``ingest/source.json``), else from batch.json (batches ingested before pages)."""
+    try:
+        return IngestSource.model_validate_json(store.get(ingest_source_key(batch_id))).source
+    except StoreError:
+        return read_batch_info(store, batch_id).source
+
+
+def chunk_planned(store: ObjectStore, batch_id: str, chunk: int) -> bool:
+    """Whether ``chunk`` is a chunk of the batch: in batch.json's plan once it exists; before
+    that, while ingest is in flight, when its records file has been written."""
+    info = read_batch_info_if_ingested(store, batch_id)
+    if info is not None:
+        return chunk in {c.index for c in info.chunks}
+    return store.exists(chunk_records_key(batch_id, chunk))
 
 
 def read_records(store: ObjectStore, batch_id: str) -> list[ImageRecord]:

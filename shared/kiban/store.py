@@ -35,11 +35,12 @@ import errno
 import os
 import posixpath
 import secrets
+import shutil
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 from kiban.errors import ObjectRefusedError, ObjectTooLargeError, StoreError
@@ -176,6 +177,10 @@ class ObjectStore(Protocol):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
 
     def delete(self, key: str) -> None: ...
+
+
+_Found = list[tuple[str, Path, "os.stat_result | OSError"]]
+_Scanned = list[tuple[Path, "os.stat_result | OSError"]]  # a folder's sorted entries
 
 
 class _LinkOnPathError(Exception):
@@ -315,6 +320,15 @@ class FileStore:
                 raise StoreError(f"cannot read {what}: {exc.strerror or exc}") from exc
 
     def put(self, key: str, data: bytes) -> None:
+        self._write(key, lambda fh: fh.write(data))
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Store the file at ``path`` under ``key``, copied in blocks (never whole in memory),
+        atomically like ``put``."""
+        with open(path, "rb") as src:
+            self._write(key, lambda fh: shutil.copyfileobj(src, fh, READ_CHUNK))
+
+    def _write(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
         parts = safe_key(key).split("/")
         try:
             dfd = self._dir_fd(parts[:-1], create=True)
@@ -335,7 +349,7 @@ class FileStore:
             )
             try:
                 with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
+                    fill(fh)
                 os.replace(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -372,45 +386,69 @@ class FileStore:
             yield self._entry(base, rel, st)
 
     def _walk(self, top: Path) -> Iterator[ObjectInfo]:
-        """Every entry under ``top`` except hidden ones, depth first, names sorted."""
-        stack = [top]
+        """Every entry under ``top`` except hidden ones, in ascending key order.
+
+        Key order, not merely "depth first, names sorted": a folder sorts as its name plus
+        ``/`` among its siblings, so ``a.jpg`` (``.`` < ``/``) comes before everything in
+        ``a/`` and ``a/b.jpg`` before ``a0.jpg``, exactly as the keys compare as strings (and as
+        S3 lists). Ingest streams the listing in pages and relies on it. Only the folders on
+        the current path are open at a time (one sorted list of names per level).
+        """
+        stack: list[Iterator[tuple[Path, os.stat_result | OSError]]] = []
+        scanned = self._scan(top)
+        if isinstance(scanned, ObjectInfo):
+            yield scanned
+            return
+        stack.append(iter(scanned))
         while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as scan:
-                    entries = sorted(scan, key=lambda e: e.name)
-            except OSError as exc:
-                if folder == self.root and isinstance(exc, FileNotFoundError):
-                    return  # a store not written to yet holds nothing
-                if folder == self.root:
-                    raise StoreError(f"cannot list {self.uri}: {exc.strerror or exc}") from exc
-                rel = folder.relative_to(self.root).as_posix()
-                yield ObjectInfo(
-                    printable_key(rel) + "/", 0, f"cannot list folder: {exc.strerror or exc}"
-                )
+            item = next(stack[-1], None)
+            if item is None:
+                stack.pop()
                 continue
-            subfolders = []
-            for entry in entries:
-                if entry.name.startswith("."):
+            path, st = item
+            rel = path.relative_to(self.root).as_posix()
+            if isinstance(st, OSError):
+                yield ObjectInfo(printable_key(rel), 0, f"cannot stat: {st.strerror or st}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                problem = key_problem(rel)
+                if problem:
+                    yield ObjectInfo(printable_key(rel) + "/", 0, f"folder {problem}: not listed")
                     continue
-                path = Path(entry.path)
-                rel = path.relative_to(self.root).as_posix()
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError as exc:
-                    yield ObjectInfo(printable_key(rel), 0, f"cannot stat: {exc.strerror or exc}")
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    problem = key_problem(rel)
-                    if problem:
-                        yield ObjectInfo(
-                            printable_key(rel) + "/", 0, f"folder {problem}: not listed"
-                        )
-                    else:
-                        subfolders.append(path)
-                    continue
-                yield self._entry(path, rel, st)
-            stack.extend(reversed(subfolders))
+                scanned = self._scan(path)
+                if isinstance(scanned, ObjectInfo):
+                    yield scanned
+                else:
+                    stack.append(iter(scanned))
+                continue
+            yield self._entry(path, rel, st)
+
+    def _scan(self, folder: Path) -> _Scanned | ObjectInfo:
+        """A folder's visible entries with their lstat, sorted as keys (folders as
+        ``name/``); a sub-folder that cannot be read is one problem entry."""
+        try:
+            with os.scandir(folder) as scan:
+                found: _Found = []
+                for entry in scan:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        st: os.stat_result | OSError = entry.stat(follow_symlinks=False)
+                    except OSError as exc:
+                        st = exc
+                    folder_like = not isinstance(st, OSError) and stat.S_ISDIR(st.st_mode)
+                    found.append((entry.name + ("/" if folder_like else ""), Path(entry.path), st))
+        except OSError as exc:
+            if folder == self.root and isinstance(exc, FileNotFoundError):
+                return []  # a store not written to yet holds nothing
+            if folder == self.root:
+                raise StoreError(f"cannot list {self.uri}: {exc.strerror or exc}") from exc
+            rel = folder.relative_to(self.root).as_posix()
+            return ObjectInfo(
+                printable_key(rel) + "/", 0, f"cannot list folder: {exc.strerror or exc}"
+            )
+        found.sort(key=lambda f: f[0])
+        return [(path, st) for _, path, st in found]
 
     def _entry(self, path: Path, rel: str, st: os.stat_result) -> ObjectInfo:
         """What one non-folder entry is: an object, or a problem with its reason."""
@@ -543,6 +581,18 @@ class S3Store:
             code = exc.response.get("Error", {}).get("Code", "")
             raise StoreError(f"cannot write {key!r} in {self.uri}: {code}") from exc
 
+    def put_file(self, key: str, path: Path) -> None:
+        """Upload the file at ``path`` (boto3 ``upload_file``: multipart above 8 MiB, read in
+        parts, never whole in memory)."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import ClientError
+
+        try:
+            with self._errors():
+                self._s3.upload_file(str(path), self.bucket, self._key(key))
+        except (ClientError, S3UploadFailedError) as exc:
+            raise StoreError(f"cannot write {key!r} in {self.uri}: {exc}") from exc
+
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
@@ -584,6 +634,19 @@ class S3Store:
             self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))
 
 
+def put_file(store: ObjectStore, key: str, path: Path) -> None:
+    """Store a local file under ``key`` without holding it in memory where the store can
+    stream (``FileStore``, ``S3Store``: their ``put_file``); any other store gets ``put``.
+
+    A function rather than a member of ``ObjectStore``, so read-only sources and test stores
+    need not implement it."""
+    method = getattr(store, "put_file", None)
+    if method is not None:
+        method(key, path)
+    else:
+        store.put(key, Path(path).read_bytes())
+
+
 def open_store(
     uri: str,
     endpoint_url: str | None = None,
@@ -613,6 +676,10 @@ def open_store(
         if not parsed.netloc:
             raise StoreError(f"{uri}: missing bucket name (s3://bucket/prefix)")
         return S3Store(parsed.netloc, parsed.path, endpoint_url, region, create, max_object_bytes)
+    if parsed.scheme == "synthetic":  # read-only generated images (load tests)
+        from kiban.synthetic_source import open_synthetic
+
+        return open_synthetic(uri, max_object_bytes)
     if not parsed.scheme and uri:
         return open_store(
             Path(uri).resolve().as_uri(), endpoint_url, region, create, max_object_bytes

@@ -24,7 +24,7 @@ from kiban.messages import (
     RunPlan,
 )
 from kiban.progress import ChunkFailure, chunks_done, mark_failed, mark_indexed
-from kiban.records import BatchInfo, read_batch_info
+from kiban.records import BatchInfo, read_batch_info_if_ingested
 from kiban.settings import Settings
 from kiban.store import ObjectStore
 from kiban.transient import broker_is_transient, translated
@@ -52,15 +52,33 @@ def dispatch(message: Message, settings: Settings) -> None:
 
 
 def after_ingest(msg: IngestBatch, info: BatchInfo, store: ObjectStore, settings: Settings) -> None:
-    for model in msg.plan.models:
-        for chunk in info.chunks:
-            dispatch(
-                EncodeChunk(batch_id=info.batch_id, model=model, chunk=chunk.index, plan=msg.plan),
-                settings,
-            )
+    """Every chunk of an ingested batch to every model (a batch ingest found unchanged)."""
+    for chunk in info.chunks:
+        encode_chunk_with_plan(info.batch_id, chunk.index, msg.plan, settings)
     if not info.chunks:  # nothing to encode: report the quarantine straight away
         log.warning("batch %s has no accepted images", info.batch_id)
         request_evaluation(info.batch_id, msg.plan, store, settings)
+
+
+def encode_chunk_with_plan(batch_id: str, chunk: int, plan: RunPlan, settings: Settings) -> None:
+    """One EncodeChunk per model of ``plan``; ingest's reducer sends them as soon as the
+    chunk's records are final, before the rest of the batch is validated."""
+    for model in plan.models:
+        dispatch(EncodeChunk(batch_id=batch_id, model=model, chunk=chunk, plan=plan), settings)
+
+
+def after_reduce(plan: RunPlan, info: BatchInfo, store: ObjectStore, settings: Settings) -> None:
+    """Ingest's reducer has written batch.json (its chunks were sent as they filled).
+
+    No chunk: the quarantine is reported at once. Otherwise every chunk may already be
+    indexed (encoders ran while ingest was finishing), and then no index task will look
+    again: the reducer checks completion itself, as ``after_index`` would.
+    """
+    if not info.chunks:
+        log.warning("batch %s has no accepted images", info.batch_id)
+        request_evaluation(info.batch_id, plan, store, settings)
+    elif plan.evaluate and plan.models and batch_complete(store, info, plan.models):
+        request_evaluation(info.batch_id, plan, store, settings)
 
 
 def after_encode(msg: EncodeChunk, settings: Settings) -> None:
@@ -104,9 +122,18 @@ def evaluation_request_id(batch_id: str, plan: RunPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def after_index(msg: IndexShard, info: BatchInfo, store: ObjectStore, settings: Settings) -> None:
-    """Record the chunk as indexed; the task that completes the batch triggers evaluation."""
+def after_index(
+    msg: IndexShard, info: BatchInfo | None, store: ObjectStore, settings: Settings
+) -> None:
+    """Record the chunk as indexed; the task that completes the batch triggers evaluation.
+
+    ``info`` None: batch.json is read *after* the marker is written, so that either this
+    task or ingest's reducer (which writes batch.json, then checks the markers) sees the
+    batch complete; a batch whose batch.json is not written yet is not complete.
+    """
     mark_indexed(store, msg.batch_id, msg.model, msg.chunk)
+    if info is None:
+        info = read_batch_info_if_ingested(store, msg.batch_id)
     _evaluate_if_complete(msg, info, store, settings)
 
 
@@ -117,14 +144,15 @@ def after_failure(msg: Message, ctx: Context, task: str, reason: str) -> None:
         return
     failure = ChunkFailure(model=msg.model, chunk=msg.chunk, task=task, reason=reason)
     mark_failed(ctx.store, msg.batch_id, failure)
-    _evaluate_if_complete(msg, read_batch_info(ctx.store, msg.batch_id), ctx.store, ctx.settings)
+    info = read_batch_info_if_ingested(ctx.store, msg.batch_id)
+    _evaluate_if_complete(msg, info, ctx.store, ctx.settings)
 
 
 def _evaluate_if_complete(
-    msg: ChunkMessage, info: BatchInfo, store: ObjectStore, settings: Settings
+    msg: ChunkMessage, info: BatchInfo | None, store: ObjectStore, settings: Settings
 ) -> None:
     plan: RunPlan | None = msg.plan
-    if plan is None or not plan.evaluate or not plan.models:
+    if info is None or plan is None or not plan.evaluate or not plan.models:
         return
     if batch_complete(store, info, plan.models):
         request_evaluation(msg.batch_id, plan, store, settings)

@@ -14,7 +14,7 @@ import numpy as np
 from kiban.context import Context
 from kiban.messages import EncodeChunk
 from kiban.models.registry import fetch_model, load_card
-from kiban.records import read_batch_info, read_chunk_records
+from kiban.records import chunk_planned, read_batch_source, read_chunk_records
 from kiban.shards import ShardMeta, read_meta, write_shard
 from kiban.telemetry import init_model_series, record_encoded
 from kiban_encoder.reader import decoded_batches
@@ -90,9 +90,10 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
         log.info("shard %s/%s/%d exists, skipping", msg.model, msg.batch_id, msg.chunk)
         return existing
 
-    info = read_batch_info(ctx.store, msg.batch_id)
-    if msg.chunk not in {c.index for c in info.chunks}:
-        raise ValueError(f"batch {msg.batch_id} has no chunk {msg.chunk} (has {len(info.chunks)})")
+    # ingest sends a chunk as soon as its records are final, before batch.json exists
+    if not chunk_planned(ctx.store, msg.batch_id, msg.chunk):
+        raise ValueError(f"batch {msg.batch_id} has no chunk {msg.chunk}")
+    batch_source = read_batch_source(ctx.store, msg.batch_id)
     records = read_chunk_records(ctx.store, msg.batch_id, msg.chunk)
 
     s = ctx.settings
@@ -111,7 +112,7 @@ def encode_chunk(msg: EncodeChunk, ctx: Context) -> ShardMeta:
     batch_size = s.gpu_batch_size if model.provider in GPU_PROVIDERS else s.batch_size
     # the series exist (at 0) from the first chunk on, even for a provider ORT fell back to
     init_model_series([msg.model], [model.provider], encode=True)
-    source = ctx.open_source(info.source)
+    source = ctx.open_source(batch_source)
     t0 = time.perf_counter()
     infer_seconds = 0.0
     batch_seconds: list[float] = []

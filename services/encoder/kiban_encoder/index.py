@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiban.context import Context
 from kiban.messages import IndexShard
-from kiban.records import read_batch_info, read_chunk_records
+from kiban.records import read_batch_source, read_chunk_records
 from kiban.shards import read_shard
 from kiban.telemetry import POINTS_UPSERTED
 from kiban.vectors import VectorIndex
@@ -16,7 +16,7 @@ def index_shard(msg: IndexShard, ctx: Context, index: VectorIndex) -> int:
     if not shard.sha256s:
         return 0
     by_key = {r.key: r for r in read_chunk_records(ctx.store, msg.batch_id, msg.chunk)}
-    source = read_batch_info(ctx.store, msg.batch_id).source
+    source = read_batch_source(ctx.store, msg.batch_id)  # batch.json may not exist yet
     payloads = []
     for key in shard.keys:
         rec = by_key[key]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from kiban.context import Context
 from kiban.messages import EncodeChunk, IndexShard, ReindexModel
-from kiban.records import read_batch_info
 from kiban.shards import ShardMeta
 from kiban.tasks import kiban_task, vector_index
 from kiban.workflow import after_encode, after_index
@@ -25,7 +24,7 @@ def encode_chunk_task(msg: EncodeChunk, ctx: Context) -> ShardMeta:
 def index_shard_task(msg: IndexShard, ctx: Context) -> int:
     """Upsert a stored shard into Qdrant; the batch's last shard triggers its evaluation."""
     n = index_shard(msg, ctx, vector_index(ctx.settings))
-    after_index(msg, read_batch_info(ctx.store, msg.batch_id), ctx.store, ctx.settings)
+    after_index(msg, None, ctx.store, ctx.settings)  # batch.json read after the marker
     return n
 
 

@@ -8,6 +8,14 @@ Output, under ``batches/<batch_id>/`` in the kiban store (see ``kiban.records``)
                        batch exists for other services once this file does)
     ingest.json        the fingerprint of the inputs that produced the above
 
+How: in pages (``kiban_ingest.fanout``). The IngestBatch task lists the source in key
+order into pages of ``KIBAN_INGEST_PAGE_SIZE`` entries, any ingest worker validates a page
+(``ValidatePage``), and one reducer (``ReduceIngest``) takes the pages in key order,
+de-duplicates in an on-disk SQLite database and sends each chunk to the encoders as soon
+as its records are final. No process holds the batch: memory is bounded by a page and a
+chunk (the manifest, one object bounded by ``KIBAN_MAX_OBJECT_BYTES``, is held by the
+planner). Every rule below holds in pages exactly as it did in one piece.
+
 Decisions:
 
 * Which files: every listed object except hidden ones (the store skips them), the
@@ -33,9 +41,11 @@ Decisions:
   with their line, like rows naming a missing object; nothing outside the source is read.
 * Idempotency: outputs are a pure function of the inputs (sorted, no timestamps
   except ``created_at``). A re-run whose fingerprint (source URI, listed keys and
-  sizes, manifest bytes, chunk size, image limits) matches ``ingest.json`` returns
-  the stored BatchInfo without reading a single image. Otherwise the batch is redone,
-  and ``created_at`` is kept when the new files equal the old ones byte for byte.
+  sizes, manifest bytes, chunk size, image limits; the listing streamed, never held)
+  matches ``ingest.json`` returns the stored BatchInfo without reading a single image.
+  Otherwise the batch is redone — a page whose content and limits are unchanged reuses
+  its stored validation result — and ``created_at`` is kept when the new files equal the
+  old ones byte for byte (compared by sha256, ``ingest/outputs.json``).
   Caveat: an object replaced by another of exactly the same size under the same key
   is not noticed by the fingerprint; delete ``ingest.json`` to force a full re-run.
   A batch with unreadable objects never writes the fingerprint, so a re-run retries.
@@ -46,29 +56,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
+import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from kiban.context import Context
 from kiban.errors import KibanError, ObjectRefusedError, ObjectTooLargeError, StoreError
 from kiban.imaging import SUPPORTED_SUFFIXES, ImageRejected, validate_image
 from kiban.locations import check_location
-from kiban.messages import IngestBatch
+from kiban.messages import MAX_CHUNK_SIZE, IngestBatch
 from kiban.records import (
-    MAX_LABEL_CONFLICTS,
     BatchInfo,
-    ChunkPlan,
     ImageRecord,
-    KeyLabel,
     LabelConflict,
-    QuarantineEntry,
-    batch_prefix,
-    dump_jsonl,
-    write_chunk_records,
 )
 from kiban.store import ObjectInfo, ObjectStore, open_store, safe_key
 from kiban_ingest.labels import (
@@ -78,12 +80,11 @@ from kiban_ingest.labels import (
     folder_label,
     parse_manifest,
 )
-from kiban_ingest.metrics import IMAGES_INGESTED, IMAGES_QUARANTINED, reason_category
 
 log = logging.getLogger(__name__)
 
 #: Bump when the output of ingest changes for the same input (invalidates fingerprints).
-INGEST_VERSION = 2
+INGEST_VERSION = 3  # 3: listing pages; page results carry it in their fingerprint
 CONVENTIONAL_MANIFESTS = ("manifest.csv", "manifest.jsonl")
 LOG_EVERY = 500
 
@@ -112,110 +113,21 @@ class Inspected:
 
 
 def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
-    """List, validate, label and de-duplicate ``msg.source`` into batch ``msg.batch_id``."""
-    settings = ctx.settings
-    source = open_source(msg.source, ctx, "source")
-    manifest = read_manifest(msg.manifest, source, ctx) if msg.manifest else None
-    listing = _list_source(source, manifest)
-    prefix = batch_prefix(msg.batch_id)
-    fingerprint = _fingerprint(msg, source, listing, manifest, ctx)
+    """List, validate, label and de-duplicate ``msg.source`` into batch ``msg.batch_id``.
 
-    existing = _existing_batch(ctx.store, prefix, fingerprint)
-    if existing is not None:
-        log.info("batch %s: inputs unchanged, keeping the stored batch", msg.batch_id)
-        return existing
+    In one call, with no queue: the planner writes the listing pages and the reducer
+    validates each of them itself (``kiban_ingest.fanout``; the IngestBatch task spreads the
+    same pages over the ingest workers instead). Memory stays bounded by a page and a chunk.
+    """
+    from kiban_ingest.fanout import plan_ingest, reduce_ingest
 
-    started = time.perf_counter()
-    objects = [o for o in listing if o.problem is None]
-    candidates = [o for o in objects if _supported(o.key)]
-    quarantine = [
-        QuarantineEntry(key=o.key, reason=o.problem) for o in listing if o.problem is not None
-    ]
-    quarantine += [
-        QuarantineEntry(key=o.key, reason=f"unsupported file type ({_suffix(o.key) or 'none'})")
-        for o in objects
-        if not _supported(o.key)
-    ]
-    inspected = _inspect_all(
-        source,
-        candidates,
-        settings.max_image_pixels,
-        settings.min_image_side,
-        settings.decode_workers,
-        msg.batch_id,
-        settings.max_object_bytes,
-    )
-    quarantine += [
-        QuarantineEntry(key=i.key, reason=i.reason, sha256=i.sha256)
-        for i in inspected
-        if i.reason is not None
-    ]
-    if manifest is not None:
-        listed = {o.key for o in listing}
-        quarantine += [
-            QuarantineEntry(key=key, reason=MISSING_REASON)
-            for key in manifest.entries
-            if key not in listed
-        ]
-        quarantine += [
-            QuarantineEntry(key=row.key, reason=f"manifest line {row.line}: {row.reason}")
-            for row in manifest.rejected
-        ]
-    quarantine.sort(key=lambda q: q.key)
-    records, n_duplicates, conflicts = _records(
-        [i for i in inspected if i.reason is None], manifest
-    )
-
-    label_source = (
-        "manifest" if manifest else "folders" if any("/" in o.key for o in listing) else "none"
-    )
-    classes = sorted({r.label for r in records if r.label is not None})
-    chunks = [
-        ChunkPlan(index=n, start=start, stop=min(start + msg.chunk_size, len(records)))
-        for n, start in enumerate(range(0, len(records), msg.chunk_size))
-    ]
-    info = BatchInfo(
-        batch_id=msg.batch_id,
-        source=source.uri,
-        manifest=manifest.uri if manifest else None,
-        label_source=label_source,
-        n_listed=len(listing),
-        n_accepted=len(records),
-        n_quarantined=len(quarantine),
-        n_duplicates=n_duplicates,
-        labelled=bool(classes),
-        classes=classes,
-        chunks=chunks,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        n_label_conflicts=len(conflicts),
-        label_conflicts=conflicts[:MAX_LABEL_CONFLICTS],
-    )
-    records_bytes, quarantine_bytes = dump_jsonl(records), dump_jsonl(quarantine)
-    info = _keep_created_at(ctx.store, prefix, info, records_bytes, quarantine_bytes)
-
-    ctx.store.put(f"{prefix}/records.jsonl", records_bytes)
-    write_chunk_records(ctx.store, msg.batch_id, records, chunks)
-    ctx.store.put(f"{prefix}/quarantine.jsonl", quarantine_bytes)
-    if any(i.unreadable for i in inspected):
-        ctx.store.delete(f"{prefix}/ingest.json")  # a re-run must retry those objects
-    else:
-        ctx.store.put(f"{prefix}/ingest.json", _json_bytes(fingerprint))
-    ctx.store.put(f"{prefix}/batch.json", info.model_dump_json(indent=2).encode())
-
-    IMAGES_INGESTED.inc(len(records))
-    for entry in quarantine:
-        IMAGES_QUARANTINED.labels(reason_category(entry.reason)).inc()
-    seconds = time.perf_counter() - started
-    log.info(
-        "batch %s: %d listed, %d accepted, %d duplicates, %d quarantined in %.1f s (%.0f img/s)",
-        msg.batch_id,
-        len(listing),
-        len(records),
-        n_duplicates,
-        len(quarantine),
-        seconds,
-        len(candidates) / seconds if seconds > 0 else 0.0,
-    )
+    planned = plan_ingest(msg, ctx)
+    if planned.info is not None:
+        return planned.info
+    assert planned.run is not None
+    info = reduce_ingest(ctx, msg.batch_id, planned.run, msg.chunk_size, distributed_claims=False)
+    if info is None:  # another run of the same batch started meanwhile
+        raise KibanError(f"batch {msg.batch_id}: ingest superseded by a newer run")
     return info
 
 
@@ -267,50 +179,12 @@ def read_manifest(uri: str, source: ObjectStore, ctx: Context) -> Manifest:
     return Manifest(full_uri, data, inside, entries, tuple(rejected))
 
 
-def _list_source(source: ObjectStore, manifest: Manifest | None) -> list[ObjectInfo]:
-    """Everything that could be an image, sorted by key; the manifest is not."""
-    skip = set(CONVENTIONAL_MANIFESTS)
-    if manifest is not None and manifest.key_in_source:
-        skip.add(manifest.key_in_source)
-    try:
-        listing = [o for o in source.list() if o.key not in skip]
-    except KibanError:
-        raise
-    except Exception as exc:  # botocore errors: no such bucket, access denied, ...
-        raise StoreError(f"cannot list {source.uri}: {exc}") from exc
-    return sorted(listing, key=lambda o: o.key)
-
-
 def _suffix(key: str) -> str:
     return PurePosixPath(key).suffix.lower()
 
 
 def _supported(key: str) -> bool:
     return _suffix(key) in SUPPORTED_SUFFIXES
-
-
-def _fingerprint(
-    msg: IngestBatch,
-    source: ObjectStore,
-    listing: list[ObjectInfo],
-    manifest: Manifest | None,
-    ctx: Context,
-) -> dict[str, object]:
-    listed = hashlib.sha256()
-    for obj in listing:
-        listed.update(f"{obj.key}\t{obj.size}\t{obj.problem or ''}\n".encode())
-    return {
-        "ingest_version": INGEST_VERSION,
-        "source": source.uri,
-        "manifest": manifest.uri if manifest else None,
-        "manifest_sha256": hashlib.sha256(manifest.data).hexdigest() if manifest else None,
-        "listing_sha256": listed.hexdigest(),
-        "n_listed": len(listing),
-        "chunk_size": msg.chunk_size,
-        "max_image_pixels": ctx.settings.max_image_pixels,
-        "min_image_side": ctx.settings.min_image_side,
-        "max_object_bytes": ctx.settings.max_object_bytes,
-    }
 
 
 def _json_bytes(obj: object) -> bytes:
@@ -327,22 +201,6 @@ def _existing_batch(
         return BatchInfo.model_validate_json(store.get(f"{prefix}/batch.json"))
     except (StoreError, ValueError):
         return None
-
-
-def _keep_created_at(
-    store: ObjectStore, prefix: str, info: BatchInfo, records: bytes, quarantine: bytes
-) -> BatchInfo:
-    """Same outputs as last time → same batch.json bytes, timestamp included."""
-    try:
-        old = BatchInfo.model_validate_json(store.get(f"{prefix}/batch.json"))
-        same = (
-            store.get(f"{prefix}/records.jsonl") == records
-            and store.get(f"{prefix}/quarantine.jsonl") == quarantine
-            and old.model_copy(update={"created_at": info.created_at}) == info
-        )
-    except (StoreError, ValueError):
-        return info
-    return info.model_copy(update={"created_at": old.created_at}) if same else info
 
 
 # --- reading and decoding -------------------------------------------------------------
@@ -402,53 +260,32 @@ def _records(
     """One record per distinct sha256, at its first key; later keys become duplicates.
 
     The record keeps the label of its first key (code-point order). Duplicates labelled
-    differently are returned as label conflicts, ordered by the kept key.
+    differently are returned as label conflicts, ordered by the kept key. The same
+    de-duplication the reducer runs page by page (``kiban_ingest.fanout.Dedup``), on a list.
     """
-    first: dict[str, Inspected] = {}
-    duplicates: dict[str, list[str]] = {}
-    for item in sorted(accepted, key=lambda i: i.key):
-        assert item.sha256 is not None
-        if item.sha256 in first:
-            duplicates[item.sha256].append(item.key)
-        else:
-            first[item.sha256] = item
-            duplicates[item.sha256] = []
-    records = []
-    conflicts = []
-    for digest, item in first.items():
-        entry = _label_for(item.key, manifest)
-        dropped = [
-            KeyLabel(key=other, label=label)
-            for other in duplicates[digest]
-            if (label := _label_for(other, manifest).label) != entry.label
-        ]
-        if dropped:
-            conflicts.append(
-                LabelConflict(
-                    sha256=digest, kept=KeyLabel(key=item.key, label=entry.label), dropped=dropped
+    from kiban_ingest.fanout import Dedup
+
+    with tempfile.TemporaryDirectory(prefix="kiban-dedup-") as tmp:
+        dedup = Dedup(Path(tmp), MAX_CHUNK_SIZE)
+        try:
+            for item in sorted(accepted, key=lambda i: i.key):
+                entry = _label_for(item.key, manifest)
+                dedup.add_record(
+                    {
+                        "key": item.key,
+                        "sha256": item.sha256,
+                        "label": entry.label,
+                        "group": entry.group,
+                        "split": entry.split,
+                        "width": item.width,
+                        "height": item.height,
+                    }
                 )
-            )
-        records.append(
-            ImageRecord(
-                key=item.key,
-                sha256=digest,
-                label=entry.label,
-                group=entry.group,
-                split=entry.split,
-                width=item.width,
-                height=item.height,
-                duplicates=duplicates[digest],
-            )
-        )
-    records.sort(key=lambda r: r.key)
-    conflicts.sort(key=lambda c: c.kept.key)
-    if conflicts:
-        log.warning(
-            "%d byte-identical images carry different labels; each record keeps the label of "
-            "its first key (see label_conflicts in batch.json)",
-            len(conflicts),
-        )
-    return records, sum(len(d) for d in duplicates.values()), conflicts
+            records = list(dedup.records())
+            conflicts, _ = dedup.conflicts(len(records) + 1)
+            return records, dedup.n_duplicates(), conflicts
+        finally:
+            dedup.close()
 
 
 def _label_for(key: str, manifest: Manifest | None) -> LabelEntry:
