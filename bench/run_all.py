@@ -23,6 +23,7 @@ BENCHES = [
     "bench_variants.py",
     "bench_vit_e2e.py",
     "bench_reporter_scale.py",
+    "bench_broker.py",
 ]
 
 
