@@ -161,7 +161,9 @@ class IngestBatch(Message):
 
     kind: Literal["ingest_batch"] = "ingest_batch"
     batch_id: Name
-    source: Uri = Field(description="file:///dir or s3://bucket/prefix")
+    source: Uri = Field(
+        description="file:///dir, s3://bucket/prefix or synthetic://textures?n=N (load tests)"
+    )
     manifest: Uri | None = Field(None, description="URI of a CSV/JSONL manifest")
     chunk_size: int = Field(256, ge=1, le=MAX_CHUNK_SIZE, description="Images per chunk")
     plan: RunPlan = Field(default_factory=RunPlan)

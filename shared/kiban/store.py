@@ -684,7 +684,10 @@ def open_store(
         return open_store(
             Path(uri).resolve().as_uri(), endpoint_url, region, create, max_object_bytes
         )
-    raise StoreError(f"unsupported store URI {uri!r}: use file:///dir or s3://bucket/prefix")
+    raise StoreError(
+        f"unsupported store URI {uri!r}: use file:///dir or s3://bucket/prefix "
+        "(or, as a read-only source, synthetic://textures?n=N)"
+    )
 
 
 def file_uri_path(uri: str) -> Path:

@@ -95,8 +95,11 @@ log = logging.getLogger(__name__)
 #: Quarantine ranks: today's order among entries of one key (a stable sort by key of
 #: listing problems, unsupported files, rejected images, manifest-missing, manifest rows).
 RANK_LISTING, RANK_UNSUPPORTED, RANK_IMAGE, RANK_MISSING, RANK_MANIFEST_ROW = range(5)
-#: How often a waiting reducer looks again, and how far ahead it steals pages meanwhile.
+#: How often a waiting reducer looks again (doubling up to the max: each look costs store
+#: and broker requests that compete with the validators for the same cores), and how far
+#: ahead it steals pages meanwhile.
 POLL_SECONDS = 0.05
+POLL_MAX_SECONDS = 1.0
 LOOKAHEAD_PAGES = 8
 #: SQLite page cache of the reducer (KiB): the database lives on disk, this is what it keeps.
 SQLITE_CACHE_KIB = 16 * 1024
@@ -670,6 +673,9 @@ class Reducer:
         self.prefix = batch_prefix(batch_id)
         self._source: ObjectStore | None = None
         self.stolen = 0
+        # Later pages already validated or claimed by another worker: never looked at again
+        # while waiting (a claimed page's result is awaited when the reducer gets to it).
+        self._settled: set[int] = set()
 
     @property
     def source(self) -> ObjectStore:
@@ -753,6 +759,7 @@ class Reducer:
     def _result(self, page: int, body: bytes) -> PageResult:
         fingerprint = _page_fingerprint(body, self.source.uri, self.ctx.settings)
         waited_from: float | None = None
+        delay = POLL_SECONDS
         while True:
             stored = _stored_result(self.store, self.batch_id, self.run, page, fingerprint)
             if stored is not None:
@@ -777,8 +784,11 @@ class Reducer:
                 return validate_page_body(
                     self.ctx, self.source, self.batch_id, self.run, page, body
                 )
-            if not self._steal_ahead(page):
-                time.sleep(POLL_SECONDS)
+            if self._steal_ahead(page):
+                delay = POLL_SECONDS
+            else:
+                time.sleep(delay)
+                delay = min(POLL_MAX_SECONDS, delay * 2)
 
     def _claim(self, page: int) -> str | None:
         if self.claims is None:
@@ -788,9 +798,12 @@ class Reducer:
     def _steal_ahead(self, page: int) -> bool:
         """While waiting on ``page``: validate one later page nobody has claimed."""
         for ahead in range(page + 1, page + 1 + LOOKAHEAD_PAGES):
+            if ahead in self._settled:
+                continue
             body = _read_page(self.store, self.batch_id, self.run, ahead)
             if body is None:
                 return False
+            self._settled.add(ahead)
             fingerprint = _page_fingerprint(body, self.source.uri, self.ctx.settings)
             if _stored_result(self.store, self.batch_id, self.run, ahead, fingerprint):
                 continue

@@ -66,7 +66,10 @@ VOLUME_HELP = (
 @app.command()
 @fails_cleanly
 def run(
-    source: str = typer.Option(..., help="Images: file:///dir or s3://bucket/prefix."),
+    source: str = typer.Option(
+        ...,
+        help="Images: file:///dir, s3://bucket/prefix or synthetic://textures?n=N (load tests).",
+    ),
     models: str = typer.Option(..., help="Comma-separated registry names, e.g. a,b."),
     manifest: str | None = typer.Option(
         None, help="CSV/JSONL manifest URI (key,label[,group][,split])."

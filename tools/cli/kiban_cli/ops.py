@@ -530,7 +530,9 @@ def _models(models: str) -> list[str]:
 @trigger_app.command("ingest")
 @fails_cleanly
 def trigger_ingest(
-    source: str = typer.Option(..., help="file:///dir or s3://bucket/prefix"),
+    source: str = typer.Option(
+        ..., help="file:///dir, s3://bucket/prefix or synthetic://textures?n=N"
+    ),
     batch: str = typer.Option(..., help="Batch ID."),
     models: str = typer.Option("", help="Models to encode with (none: ingest only)."),
     manifest: str | None = typer.Option(None, help="Manifest URI."),
