@@ -24,8 +24,8 @@ from kiban.store import ObjectStore, open_store
 from kiban.workflow import dispatch
 from kiban_cli.stack import LocalStack
 from kiban_cli.synthetic import encode, generate_texture_dataset, problem_files, sample_images
-from kiban_ingest.fanout import validated_key
 from kiban_ingest.ingest import ingest_batch
+from kiban_ingest.run_files import validated_key
 from tests.integration.stack_fixtures import running_stack, stack_settings
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ Output, under ``batches/<batch_id>/`` in the kiban store (see ``kiban.records``)
                        batch exists for other services once this file does)
     ingest.json        the fingerprint of the inputs that produced the above
 
-How: in pages (``kiban_ingest.fanout``). The IngestBatch task lists the source in key
+How: in pages (``kiban_ingest.run_files``). The IngestBatch task lists the source in key
 order into pages of ``KIBAN_INGEST_PAGE_SIZE`` entries, any ingest worker validates a page
 (``ValidatePage``), and one reducer (``ReduceIngest``) takes the pages in key order,
 de-duplicates in an on-disk SQLite database and sends each chunk to the encoders as soon
@@ -116,10 +116,11 @@ def ingest_batch(msg: IngestBatch, ctx: Context) -> BatchInfo:
     """List, validate, label and de-duplicate ``msg.source`` into batch ``msg.batch_id``.
 
     In one call, with no queue: the planner writes the listing pages and the reducer
-    validates each of them itself (``kiban_ingest.fanout``; the IngestBatch task spreads the
+    validates each of them itself (``kiban_ingest.reducer``; the IngestBatch task spreads the
     same pages over the ingest workers instead). Memory stays bounded by a page and a chunk.
     """
-    from kiban_ingest.fanout import plan_ingest, reduce_ingest
+    from kiban_ingest.planner import plan_ingest
+    from kiban_ingest.reducer import reduce_ingest
 
     planned = plan_ingest(msg, ctx)
     if planned.info is not None:
@@ -261,9 +262,9 @@ def _records(
 
     The record keeps the label of its first key (code-point order). Duplicates labelled
     differently are returned as label conflicts, ordered by the kept key. The same
-    de-duplication the reducer runs page by page (``kiban_ingest.fanout.Dedup``), on a list.
+    de-duplication the reducer runs page by page (``kiban_ingest.dedup.Dedup``), on a list.
     """
-    from kiban_ingest.fanout import Dedup
+    from kiban_ingest.dedup import Dedup
 
     with tempfile.TemporaryDirectory(prefix="kiban-dedup-") as tmp:
         dedup = Dedup(Path(tmp), MAX_CHUNK_SIZE)

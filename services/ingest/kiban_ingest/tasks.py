@@ -1,8 +1,8 @@
-"""Celery tasks of the ingest container; the work itself lives in ``ingest.py``/``fanout.py``.
+"""Celery tasks of the ingest container; the work lives in ``ingest.py`` and the paged modules.
 
 IngestBatch plans (lists the source into pages), ValidatePage validates one page, and
 ReduceIngest de-duplicates the pages in order, sending each chunk's encode messages as soon
-as its records are final (``kiban_ingest.fanout``).
+as its records are final (``kiban_ingest.run_files``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from kiban.records import BatchInfo
 from kiban.schedule import nightly_batch
 from kiban.tasks import kiban_task
 from kiban.workflow import after_ingest, after_reduce, dispatch, encode_chunk_with_plan
-from kiban_ingest.fanout import plan_ingest, reduce_ingest, validate_page
+from kiban_ingest.pages import validate_page
+from kiban_ingest.planner import plan_ingest
+from kiban_ingest.reducer import reduce_ingest
 
 
 @kiban_task(IngestBatch)
@@ -74,7 +76,7 @@ def validate_page_task(msg: ValidatePage, ctx: Context) -> str:
 
 @kiban_task(ReduceIngest)
 def reduce_ingest_task(msg: ReduceIngest, ctx: Context) -> BatchInfo | None:
-    """De-duplicate the run's pages in order and write the batch (see ``fanout.Reducer``)."""
+    """De-duplicate the run's pages in order and write the batch (see ``reducer.Reducer``)."""
     return _reduce(msg, ctx)
 
 

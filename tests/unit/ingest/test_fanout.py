@@ -23,14 +23,11 @@ from kiban.records import (
 from kiban.settings import Settings
 from kiban.store import FileStore, ObjectInfo, open_store, put_file
 from kiban_cli.synthetic import encode, sample_images
-from kiban_ingest.fanout import (
-    Claims,
-    Reducer,
-    plan_ingest,
-    validate_page,
-    validated_key,
-)
 from kiban_ingest.ingest import ingest_batch
+from kiban_ingest.pages import Claims, validate_page
+from kiban_ingest.planner import plan_ingest
+from kiban_ingest.reducer import Reducer
+from kiban_ingest.run_files import validated_key
 
 IMAGES = [encode(image, ".png") for image in sample_images(6, seed=3)]
 
