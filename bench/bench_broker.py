@@ -12,23 +12,8 @@ Usage: python bench/bench_broker.py [--messages N]
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 from pathlib import Path
-
-
-def cpu_label() -> str:
-    import os
-
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def main() -> None:
@@ -46,6 +31,7 @@ def main() -> None:
     from kiban.store import open_store
     from kiban.workflow import claim_once, dispatch
     from kiban_cli.stack import free_ports, start_redis
+    from kiban_export.variants import machine
 
     with tempfile.TemporaryDirectory(prefix="kiban-bench-broker-") as tmp:
         home = Path(tmp)
@@ -79,7 +65,7 @@ def main() -> None:
         finally:
             proc.stop()
 
-    print(f"CPU: {cpu_label()}; redis-server from kiban_cli.stack.find_redis_server")
+    print(f"CPU: {machine()}; redis-server from kiban_cli.stack.find_redis_server")
     print("| what | measured |")
     print("|---|---|")
     print(f"| EncodeChunk JSON body (2-model plan) | {body} B |")

@@ -100,23 +100,25 @@ class CostSummary(BaseModel):
     projection: CostProjection | None = None
 
 
+def point_payload_size(r: ImageRecord, batch_id: str, source: str) -> int:
+    """Bytes of the Qdrant payload kiban writes for one point (kiban_encoder.index)."""
+    payload = {
+        "key": r.key,
+        "sha256": r.sha256,
+        "label": r.label,
+        "group": r.group,
+        "split": r.split,
+        "batch": batch_id,
+        "source": source,
+    }
+    return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 def payload_bytes(records: Sequence[ImageRecord], batch_id: str, source: str) -> float | None:
-    """Mean size of the Qdrant payload kiban writes for a point (kiban_encoder.index)."""
+    """Mean size of the Qdrant payload kiban writes for a point."""
     if not records:
         return None
-    total = 0
-    for r in records:
-        payload = {
-            "key": r.key,
-            "sha256": r.sha256,
-            "label": r.label,
-            "group": r.group,
-            "split": r.split,
-            "batch": batch_id,
-            "source": source,
-        }
-        total += len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
-    return total / len(records)
+    return sum(point_payload_size(r, batch_id, source) for r in records) / len(records)
 
 
 def storage_per_million(embedding_dim: int, payload: float) -> int:

@@ -30,7 +30,6 @@ plan that breaks that order is refused by name rather than ranked differently.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ from kiban.records import BatchInfo, ImageRecord, read_chunk_records
 from kiban.shards import ShardMeta, read_meta, read_shard
 from kiban.splits import SPLIT_RULE, unit_fraction
 from kiban_reporter.ann_check import AnnCheck
+from kiban_reporter.cost import point_payload_size
 from kiban_reporter.leakage import Leakage, exclude_queries, leakage_from_hits
 from kiban_reporter.metrics.evaluate import score_neighbours
 from kiban_reporter.metrics.inputs import NORM_TOLERANCE, EncodedInputs
@@ -107,19 +107,6 @@ class BatchScan:
         return int(np.count_nonzero(self.label_codes < 0))
 
 
-def _payload_size(r: ImageRecord, batch_id: str, source: str) -> int:
-    payload = {
-        "key": r.key,
-        "sha256": r.sha256,
-        "label": r.label,
-        "group": r.group,
-        "split": r.split,
-        "batch": batch_id,
-        "source": source,
-    }
-    return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
-
-
 def _chunk_common(
     records: list[ImageRecord], models: Sequence[str], metas: Mapping[str, ShardMeta | None]
 ) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]]]:
@@ -182,7 +169,7 @@ def scan_batch(
             stats.failures.extend((str(k), str(reason)) for k, reason in meta.failures)
             stats.images_encoded += len(own[model])
             stats.payload_total += sum(
-                _payload_size(r, info.batch_id, info.source) for r in own[model]
+                point_payload_size(r, info.batch_id, info.source) for r in own[model]
             )
         if common:
             if last_key is not None and common[0].key <= last_key:
@@ -192,41 +179,14 @@ def scan_batch(
                     "evaluation needs chunks that are consecutive slices of the key-sorted records"
                 )
             last_key = common[-1].key
-        labels.append(
-            np.fromiter(
-                (
-                    label_index.setdefault(r.label, len(label_index)) if r.label else -1
-                    for r in common
-                ),
-                dtype=np.int64,
-                count=len(common),
-            )
-        )
-        groups.append(
-            np.fromiter(
-                (
-                    group_index.setdefault(r.group, len(group_index)) if r.group else -1
-                    for r in common
-                ),
-                dtype=np.int64,
-                count=len(common),
-            )
-        )
+        labels.append(_codes([r.label for r in common], label_index))
+        groups.append(_codes([r.group for r in common], group_index))
         for model, images in trained.items():
             hit_parts[model].append(
                 np.fromiter((r.sha256 in images for r in common), dtype=bool, count=len(common))
             )
         if splits:
-            split_parts.append(
-                np.fromiter(
-                    (
-                        split_index.setdefault(r.split, len(split_index)) if r.split else -1
-                        for r in common
-                    ),
-                    dtype=np.int64,
-                    count=len(common),
-                )
-            )
+            split_parts.append(_codes([r.split for r in common], split_index))
             fraction_parts.append(
                 np.fromiter(
                     (unit_fraction(r.group or r.sha256) for r in common),
@@ -262,6 +222,16 @@ def scan_batch(
         else None,
         split_names=sorted(split_index),
         unit_fractions=_cat(fraction_parts, np.float64) if splits else None,
+    )
+
+
+def _codes(values: Sequence[str | None], index: dict[str, int]) -> NDArray[np.int64]:
+    """Each value's code in ``index`` (new values get the next code; missing: -1), so a
+    million rows cost 8 bytes each instead of a Python string."""
+    return np.fromiter(
+        (index.setdefault(v, len(index)) if v else -1 for v in values),
+        dtype=np.int64,
+        count=len(values),
     )
 
 
