@@ -6,7 +6,7 @@ and the queue exporter), each with its own metrics port, scraped every second by
 ``prometheus`` binary with ``evaluation_interval: 1s``. The rules are the shipped
 ``charts/kiban/files/alerts.yaml`` with the time scaled down (``scaled_rules``: every
 ``for:`` becomes 3 s, the range windows and offsets become seconds, the exporter's
-staleness threshold 5 s); the expressions are otherwise the shipped ones.
+staleness threshold 15 s); the expressions are otherwise the shipped ones.
 
 1. A normal run (two batches of series ``lot-``): every dashboard panel's expression
    (charts/kiban/dashboards/kiban.json, Grafana variables filled in) returns data, no alert
@@ -30,6 +30,7 @@ import contextlib
 import csv
 import functools
 import json
+import os
 import random
 import re
 import shutil
@@ -71,7 +72,10 @@ WINDOWS = {"15m": "15s", "30m": "20s", "1h": "15s", "26h": "45s"}
 FOR_SCALED = "3s"
 THRESHOLDS = {
     # seconds since the exporter's last sample: 2 min shipped
-    "(kiban_queue_sample_timestamp_seconds) > 120": "(kiban_queue_sample_timestamp_seconds) > 5",
+    # (15 s, not a few: on a loaded 2-core box a round of the exporter can wait seconds on
+    # the broker's disk, and a normal run must not fire; a killed exporter still fires at
+    # once through absent())
+    "(kiban_queue_sample_timestamp_seconds) > 120": "(kiban_queue_sample_timestamp_seconds) > 15",
 }
 # Grafana's variables in the panel queries (a local Prometheus has no namespace label).
 RATE_INTERVAL = "10s"
@@ -104,7 +108,7 @@ def test_scaled_rules_keep_the_expressions() -> None:
     exprs = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
     assert "[26h]" not in exprs["KibanNoNightlyRun"] and "[45s]" in exprs["KibanNoNightlyRun"]
     assert "offset 45s" in exprs["KibanNoNightlyRun"]
-    assert "> 5" in exprs["KibanQueueExporterDown"]
+    assert "> 15" in exprs["KibanQueueExporterDown"]
     assert all(r.get("for") in ("0m", FOR_SCALED) for g in rules["groups"] for r in g["rules"])
 
 
@@ -367,6 +371,9 @@ def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
 def _normal_run(scene: Scene) -> tuple[float, float]:
     """Two batches of series ``lot-`` (the second has a series, a baseline and a flag), once."""
     if scene.normal_run is None:
+        # Earlier tests' buffered writes are flushed first: their writeback would stall the
+        # broker's fsyncs and the scrapes of this run, whose alert windows are seconds.
+        os.sync()
         t0 = time.time()
         manifest = scene.images / "manifest.csv"
         for batch in ("lot-0001", "lot-0002"):
