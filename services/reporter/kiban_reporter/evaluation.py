@@ -234,6 +234,14 @@ def _concatenate(
     return rows, vectors
 
 
+def left_out_warning(n_left_out: int) -> str:
+    """The same words whichever path evaluated: images some model did not encode."""
+    return (
+        f"{n_left_out} images are not encoded by every model; left out so that the models "
+        "are compared on the same images"
+    )
+
+
 def load_evaluation_rows(
     ctx: Context, msg: EvaluateBatch, info: BatchInfo, cards: dict[str, ModelCard]
 ) -> EvaluationRows:
@@ -247,10 +255,7 @@ def load_evaluation_rows(
     current, part, n_left_out = _load_batch(ctx, info, msg.models)
     warnings: list[str] = []
     if n_left_out:
-        warnings.append(
-            f"{n_left_out} images are not encoded by every model; left out so that the models "
-            "are compared on the same images"
-        )
+        warnings.append(left_out_warning(n_left_out))
     history: list[BatchRows] = []
     discovered = False
     if info.labelled and msg.protocol.name == "cross-batch":
@@ -656,10 +661,7 @@ def evaluate_streamed(
     scan = scan_batch(ctx, info, msg.models, trained, splits=msg.protocol.name == "split")
     warnings: list[str] = []
     if scan.n_left_out:
-        warnings.append(
-            f"{scan.n_left_out} images are not encoded by every model; left out so that the "
-            "models are compared on the same images"
-        )
+        warnings.append(left_out_warning(scan.n_left_out))
     sp = None
     if info.labelled:
         sp, plan_warnings = plan_streamed(msg, scan, ctx.settings.eval_sample_queries)
